@@ -1,0 +1,37 @@
+# darkroom: the two commands (make demo, make test) each set up .venv on their own.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test test-fast lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+## Run the whole job on the embedded default: digits -> retrain -> score (local folder storage)
+demo: $(STAMP)
+	$(BIN)/darkroom demo --storage file://./data/bucket --cache-dir ./data/cache
+
+## Run every test (unit, S3 on a local moto server, Prefect flows, end to end)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Skip the tests marked slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf data .pytest_cache

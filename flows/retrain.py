@@ -1,0 +1,104 @@
+"""Nightly retraining: sync labeled → rebuild index → K folds → best fold → holdout gate →
+promote. Run it as a script, from the CLI (`darkroom retrain`) or from a deployment."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from darkroom import registry
+from darkroom.config import RetrainConfig, cache_dir_for
+from darkroom.pipeline import record_candidate
+from darkroom.storage import open_storage
+from tasks.ingest import rebuild_index, sync_labeled
+from tasks.training import evaluate_holdout, finalize_candidate, train_fold
+
+METRICS_SHOWN = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss")
+
+
+@flow(name="nightly-retrain", log_prints=True)
+def nightly_retrain(config: RetrainConfig | None = None) -> dict:
+    """Retrains on the current labeled data and promotes the result only if it beats the
+    champion on the same holdout."""
+    config = config or RetrainConfig()
+    cfg = config.train
+    logger = get_run_logger()
+    storage = open_storage(config.storage)
+    cache = str(cache_dir_for(config))
+    run_name = flow_run.get_name() or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    synced = sync_labeled(storage.uri, cache, config.download_concurrency)
+    index = rebuild_index(storage.uri, cache, cfg.folds, cfg.seed, config.holdout_fraction,
+                          run_name)
+    snapshot = index["snapshot"]
+    version = registry.new_version(snapshot, cfg.fingerprint())
+    champion, champion_etag = registry.read_champion(storage)
+    if champion and champion["version"] == version and not config.force:
+        logger.info("labeled data and config unchanged since champion %s: nothing to train "
+                    "(use force to retrain anyway)", version)
+        return {"skipped": True, "version": version, "sync": synced, "index": index}
+    if config.force:
+        version = f"{version}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+
+    summaries = [train_fold(storage.uri, cache, snapshot, k, version, cfg, config.device,
+                            config.num_workers) for k in range(cfg.folds)]
+    finalize_candidate(storage.uri, version, snapshot, summaries, cfg)
+    holdout = evaluate_holdout(storage.uri, cache, snapshot, version, config.device)
+    champion_holdout = None
+    if champion:
+        champion_holdout = evaluate_holdout(storage.uri, cache, snapshot, champion["version"],
+                                            config.device)
+    decision = registry.decide(holdout, champion_holdout, cfg.metric)
+    metrics = record_candidate(storage.uri, version, summaries, holdout, champion_holdout,
+                               decision)
+    promoted = False
+    if decision["promote"]:
+        try:
+            registry.promote(storage, version, expected_etag=champion_etag, action="promote",
+                             reason=decision["rule"], previous=champion and champion["version"],
+                             metrics={m: holdout[m] for m in METRICS_SHOWN})
+            promoted = True
+        except registry.PromotionLost as e:
+            logger.warning("%s", e)
+            decision = {**decision, "rule": f"{decision['rule']}; lost the race: {e}"}
+    _publish(storage, version, summaries, metrics, decision, promoted, champion)
+    return {"skipped": False, "version": version, "promoted": promoted, "decision": decision,
+            "cv": metrics["cv"], "holdout": {m: holdout[m] for m in METRICS_SHOWN},
+            "sync": synced, "index": index}
+
+
+def _publish(storage, version, summaries, metrics, decision, promoted, champion) -> None:
+    """Artifacts for the UI and an event for automations."""
+    rows = [{"fold": s["fold"], "best_epoch": s["best_epoch"], "val_images": s["val_images"],
+             **{m: round(s["metrics"][m], 4) for m in METRICS_SHOWN}} for s in summaries]
+    create_table_artifact(rows, key="fold-metrics",
+                          description=f"Per-fold validation metrics of {version}")
+    cv = metrics["cv"]
+    lines = [f"# {'Promoted' if promoted else 'Rejected'}: `{version}`", "",
+             f"**Rule:** {decision['rule']}", "",
+             "| metric | CV mean ± std | holdout (challenger) | holdout (champion) |",
+             "|---|---|---|---|"]
+    champ = decision.get("champion_holdout") or {}
+    for m in METRICS_SHOWN:
+        c = cv.get(m)
+        cvs = f"{c['mean']:.4f} ± {c['std']:.4f}" if c else "-"
+        old = f"{champ[m]:.4f}" if m in champ else "-"
+        lines.append(f"| {m} | {cvs} | {metrics['holdout'][m]:.4f} | {old} |")
+    lines += ["", f"Previous champion: `{champion['version'] if champion else 'none'}`",
+              f"Files: `{storage.url(registry.version_key(version))}`"]
+    create_markdown_artifact("\n".join(lines), key="promotion-decision",
+                             description=f"Promotion decision for {version}")
+    emit_event(
+        event="darkroom.model.promoted" if promoted else "darkroom.model.rejected",
+        resource={"prefect.resource.id": f"darkroom.storage.{storage.uri}"},
+        payload={"version": version, "decision": decision,
+                 "holdout": {m: metrics["holdout"][m] for m in METRICS_SHOWN}},
+    )
+
+
+if __name__ == "__main__":
+    print(nightly_retrain())

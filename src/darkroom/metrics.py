@@ -1,0 +1,58 @@
+"""Classification metrics from labels and class probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
+                           classes: list[str]) -> dict:
+    """Accuracy, macro precision/recall/F1, top-k, log loss, confusion matrix, per class.
+
+    Args:
+        y_true: class indices, shape (n,).
+        probs: class probabilities, shape (n, len(classes)).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(probs):  # float32 softmax sums drift from 1; classes a model lacks leave a gap
+        probs = probs / np.clip(probs.sum(1, keepdims=True), 1e-12, None)
+    n_classes = len(classes)
+    labels = np.arange(n_classes)
+    y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                  average="macro", zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels) if len(y_true) else \
+        np.zeros((n_classes, n_classes), dtype=np.int64)
+    support = cm.sum(1)
+    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None)
+                 for i, c in enumerate(classes)}
+    out = {
+        "n": int(len(y_true)),
+        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
+        "precision_macro": float(p),
+        "recall_macro": float(r),
+        "f1_macro": float(f1),
+        "log_loss": float(log_loss(y_true, np.clip(probs, 1e-12, 1), labels=labels))
+        if len(y_true) else None,
+        "confusion_matrix": cm.tolist(),
+        "per_class_accuracy": per_class,
+        "per_class_support": {c: int(s) for c, s in zip(classes, support, strict=True)},
+    }
+    for k in (1, 5):
+        if k <= n_classes and len(y_true):
+            topk = np.argsort(-probs, axis=1)[:, :k]
+            out[f"top{k}_accuracy"] = float((topk == y_true[:, None]).any(1).mean())
+    return out
+
+
+def aggregate(fold_metrics: list[dict], keys=("accuracy", "precision_macro", "recall_macro",
+                                               "f1_macro", "log_loss", "top5_accuracy")) -> dict:
+    """Mean and std across folds of each scalar metric present in every fold."""
+    out = {}
+    for k in keys:
+        vals = [m[k] for m in fold_metrics if m.get(k) is not None]
+        if len(vals) == len(fold_metrics) and vals:
+            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    return out

@@ -1,0 +1,184 @@
+"""Incremental mirror of a storage prefix into a local cache directory.
+
+A manifest (``<cache>/manifests/<prefix>.json``) records key, etag, size and local path per
+object: an object whose etag and size are unchanged is never downloaded again, and an object
+that left storage leaves the cache. A local-folder root is read in place (nothing copied).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from darkroom.storage import ObjectInfo, Storage, UnsafeKeyError, atomic_write_file, check_key
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class SyncReport:
+    prefix: str
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    refused: int = 0
+    failed: int = 0
+    downloaded_bytes: int = 0
+    refused_keys: list[str] = field(default_factory=list)
+    failed_keys: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"sync {self.prefix}: listed {self.listed}, new {self.new}, changed {self.changed}, "
+            f"removed {self.removed}, unchanged {self.unchanged}, refused {self.refused}, "
+            f"failed {self.failed}, downloaded {self.downloaded_bytes} bytes"
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CachedObject:
+    key: str
+    etag: str
+    size: int
+    path: str
+
+
+def is_image_key(key: str) -> bool:
+    return key.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _manifest_path(cache_dir: Path, prefix: str) -> Path:
+    name = prefix.strip("/").replace("/", "__") or "root"
+    return cache_dir / "manifests" / f"{name}.json"
+
+
+def load_manifest(cache_dir: Path, prefix: str) -> dict[str, CachedObject]:
+    path = _manifest_path(Path(cache_dir), prefix)
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())
+    return {r["key"]: CachedObject(**r) for r in rows}
+
+
+def _save_manifest(cache_dir: Path, prefix: str, entries: dict[str, CachedObject]) -> None:
+    rows = [asdict(entries[k]) for k in sorted(entries)]
+    atomic_write_file(_manifest_path(cache_dir, prefix), json.dumps(rows).encode())
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    """Where ``key`` lives in the cache. Refuses keys that would escape ``cache_dir``."""
+    check_key(key)
+    root = (Path(cache_dir) / "objects").resolve()
+    path = root.joinpath(*key.split("/")).resolve()
+    if not path.is_relative_to(root):
+        raise UnsafeKeyError(f"key {key!r} escapes the cache directory")
+    return path
+
+
+def sync_prefix(
+    storage: Storage,
+    prefix: str,
+    cache_dir: str | Path,
+    *,
+    concurrency: int = 16,
+    key_filter: Callable[[str], bool] = is_image_key,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[SyncReport, dict[str, CachedObject]]:
+    """Mirrors ``prefix`` of ``storage`` into ``cache_dir``.
+
+    Returns:
+        The report and the manifest: every usable object with the local path to read it from.
+    """
+    cache_dir = Path(cache_dir)
+    report = SyncReport(prefix=prefix)
+    old = load_manifest(cache_dir, prefix)
+    listed: dict[str, ObjectInfo] = {}
+    for obj in storage.list(prefix):
+        if not key_filter(obj.key):
+            continue
+        report.listed += 1
+        try:
+            check_key(obj.key)
+        except UnsafeKeyError:
+            report.refused += 1
+            report.refused_keys.append(obj.key)
+            log.warning("refused unsafe key %r", obj.key)
+            continue
+        listed[obj.key] = obj
+
+    entries: dict[str, CachedObject] = {}
+    todo: list[ObjectInfo] = []
+    for key, obj in listed.items():
+        prev = old.get(key)
+        if prev and prev.etag == obj.etag and prev.size == obj.size and Path(prev.path).exists():
+            report.unchanged += 1
+            entries[key] = prev
+        else:
+            report.changed += prev is not None
+            report.new += prev is None
+            todo.append(obj)
+
+    entries.update(fetch_objects(storage, todo, cache_dir, report, concurrency, progress))
+
+    for key in old.keys() - listed.keys():
+        report.removed += 1
+        if storage.local_path(key) is None:  # only ever delete our own cached copy
+            Path(old[key].path).unlink(missing_ok=True)
+    _save_manifest(cache_dir, prefix, entries)
+    log.info(report.summary())
+    return report, entries
+
+
+def fetch_objects(
+    storage: Storage,
+    objects: Iterable[ObjectInfo],
+    cache_dir: Path,
+    report: SyncReport | None = None,
+    concurrency: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, CachedObject]:
+    """Downloads ``objects`` into the cache concurrently (read in place for a local root)."""
+    objects = list(objects)
+    report = report or SyncReport(prefix="")
+    out: dict[str, CachedObject] = {}
+
+    def one(obj: ObjectInfo) -> CachedObject:
+        local = storage.local_path(obj.key)
+        if local is not None:
+            return CachedObject(obj.key, obj.etag, obj.size, str(local))
+        dest = cache_path(cache_dir, obj.key)
+        storage.download(obj.key, dest)
+        return CachedObject(obj.key, obj.etag, obj.size, str(dest))
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = {pool.submit(one, o): o for o in objects}
+        for done, fut in enumerate(as_completed(futures), 1):
+            obj = futures[fut]
+            try:
+                entry = fut.result()
+            except UnsafeKeyError:
+                report.refused += 1
+                report.refused_keys.append(obj.key)
+                continue
+            except Exception as e:  # one bad object must not sink the sync
+                report.failed += 1
+                report.failed_keys.append(obj.key)
+                log.warning("could not fetch %s: %s", obj.key, e)
+                continue
+            out[obj.key] = entry
+            if storage.local_path(obj.key) is None:
+                report.downloaded_bytes += obj.size
+            if progress:
+                progress(done, len(futures))
+    return out

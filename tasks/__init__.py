@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over darkroom's core with retries, names and logging."""

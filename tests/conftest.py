@@ -1,0 +1,66 @@
+"""Shared fixtures: real image files (scikit-learn's digits as PNG) in a real storage root."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from darkroom.config import TrainConfig
+from darkroom.demo import digit_png
+from darkroom.storage import LocalStorage, Storage
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Small and fast on a 2-core CPU: timm's tiny test model at 32 px.
+TINY = TrainConfig(backbone="test_resnet", image_size=32, batch_size=32, epochs=1, lr=2e-3,
+                   lr_min=1e-5, folds=2, augment="none")
+
+
+def write_digits(storage: Storage, classes=("0", "1", "2"), per_class: int = 12,
+                 incoming: int = 0, offset: int = 0, size: int = 32) -> dict[str, str]:
+    """Writes real digit images as labeled/<digit>/d-<i>.png (+ unlabeled ones under incoming/).
+
+    Returns key -> true label for every image written.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    written: dict[str, str] = {}
+    counts = dict.fromkeys(classes, 0)
+    for i in range(offset, len(digits.target)):
+        label = str(digits.target[i])
+        if label not in counts or counts[label] >= per_class:
+            continue
+        counts[label] += 1
+        key = f"labeled/{label}/d-{i:04d}.png"
+        storage.put_source_object(key, digit_png(digits.data[i], size))
+        written[key] = label
+        if all(c >= per_class for c in counts.values()):
+            break
+    for j, i in enumerate(range(len(digits.target) - 1, -1, -1)):
+        if j >= incoming:
+            break
+        key = f"incoming/new-{i:04d}.png"
+        storage.put_source_object(key, digit_png(digits.data[i], size))
+        written[key] = str(digits.target[i])
+    return written
+
+
+def png_bytes(value: int = 128, size: int = 16, channels: int = 3) -> bytes:
+    img = np.full((size, size, channels) if channels > 1 else (size, size), value, np.uint8)
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.fixture
+def local_storage(tmp_path) -> LocalStorage:
+    return LocalStorage(tmp_path / "bucket")
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cache"
