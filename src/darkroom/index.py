@@ -69,6 +69,7 @@ def read_label_file(storage: Storage) -> dict[str, str]:
         if not {"key", "label"} <= set(df.columns):
             raise DatasetError(f"{storage.url(name)} needs the columns 'key' and 'label'; "
                                f"it has {list(df.columns)}")
+        df = df.dropna(subset=["key", "label"])  # a blank cell is no override, not "nan"
         keys = [k if k.startswith(LABELED) else LABELED + k for k in df["key"].astype(str)]
         return dict(zip(keys, df["label"].astype(str), strict=True))
     return {}

@@ -22,7 +22,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
     labels = np.arange(n_classes)
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
     p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                  average="macro", zero_division=0)
+                                                  average="macro", zero_division=0) \
+        if len(y_true) else (0.0, 0.0, 0.0, None)  # sklearn refuses empty input
     cm = confusion_matrix(y_true, y_pred, labels=labels) if len(y_true) else \
         np.zeros((n_classes, n_classes), dtype=np.int64)
     support = cm.sum(1)

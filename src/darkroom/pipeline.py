@@ -4,6 +4,7 @@ worker: it pulls what it needs through the local cache."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -46,10 +47,8 @@ def rebuild_index(storage_uri: str, cache_dir: str, folds: int, seed: int,
     storage = open_storage(storage_uri)
     objects = load_manifest(Path(cache_dir), idx.LABELED)
     previous = None
-    try:
+    with contextlib.suppress(FileNotFoundError):
         previous, _, _ = idx.read_index(storage)
-    except FileNotFoundError:
-        pass
     df, classes = idx.build_index(objects, labels=idx.read_label_file(storage), folds=folds,
                                   seed=seed, holdout_fraction=holdout_fraction,
                                   previous=previous, progress=progress)

@@ -67,15 +67,16 @@ class LoadedModel:
         return probs, ok
 
 
-_LOADED: dict[tuple[str, str, str], LoadedModel] = {}
+_LOADED: dict[tuple, LoadedModel] = {}
 
 
 def load_version(storage: Storage, version: str, device: str = "auto") -> LoadedModel:
     """Loads a model version once per process (later calls reuse it), checking its sha256."""
     dev = resolve_device(device)
-    cache_key = (storage.uri, version, str(dev))
+    meta = json.loads(storage.read_text(version_key(version, "model.json")))
+    # The weights' hash is in the key: a rewritten version is never served from a stale copy.
+    cache_key = (storage.uri, version, meta.get("sha256"), str(dev))
     if cache_key not in _LOADED:
-        meta = json.loads(storage.read_text(version_key(version, "model.json")))
         cfg = TrainConfig(**meta["train_config"])
         model = create_model(cfg, len(meta["classes"]), pretrained=False)
         load_weights(model, storage.read_bytes(version_key(version, "model.safetensors")),

@@ -316,6 +316,8 @@ class S3Storage(Storage):
             code = e.response["Error"]["Code"]
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise PreconditionFailed(f"{self.url(key)} changed since it was read") from e
+            if if_match is not None and code in ("NoSuchKey", "404", "NotFound"):
+                raise PreconditionFailed(f"{self.url(key)} no longer exists") from e
             raise
         return resp["ETag"].strip('"')
 
@@ -335,7 +337,8 @@ def open_storage(uri: str | None = None) -> Storage:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         # file://./rel and file:///abs are both accepted; netloc carries the "." of ./rel.
-        path = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+        host = "" if parsed.netloc == "localhost" else parsed.netloc
+        path = host + parsed.path
         return LocalStorage(path or ".")
     if parsed.scheme == "s3":
         if len(parsed.netloc) < 3:

@@ -1,0 +1,138 @@
+"""Promotion decisions, the champion pointer and the append-only promotion log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from darkroom import registry
+from darkroom.registry import CHAMPION, PROMOTIONS, PromotionLost, decide, history, promote
+
+
+def _fake_version(storage, version: str) -> None:
+    storage.write_bytes(f"models/{version}/model.safetensors", b"weights of " + version.encode())
+
+
+def _records(storage) -> list[str]:
+    return [o.key for o in storage.list(PROMOTIONS)]
+
+
+# ---- decide ---------------------------------------------------------------------------------
+
+def test_no_champion_promotes():
+    d = decide({"accuracy": 0.1}, None, "accuracy")
+    assert d["promote"] is True
+    assert d["champion"] is None and d["challenger"] == 0.1
+    assert d["metric"] == "accuracy"
+
+
+def test_better_promotes():
+    d = decide({"f1_macro": 0.81, "accuracy": 0.1}, {"f1_macro": 0.8, "accuracy": 0.9},
+               "f1_macro")
+    assert d["promote"] is True
+    assert (d["challenger"], d["champion"]) == (0.81, 0.8)
+    assert "f1_macro" in d["rule"] and ">" in d["rule"]
+
+
+@pytest.mark.parametrize("new", [0.8, 0.5])
+def test_equal_or_worse_rejects(new):
+    d = decide({"accuracy": new}, {"accuracy": 0.8}, "accuracy")
+    assert d["promote"] is False
+    assert "accuracy" in d["rule"]
+    assert "<=" in d["rule"]
+
+
+def test_decide_uses_the_named_metric_only():
+    # Better accuracy, worse F1: the metric decides.
+    d = decide({"accuracy": 0.99, "f1_macro": 0.1}, {"accuracy": 0.5, "f1_macro": 0.2},
+               "f1_macro")
+    assert d["promote"] is False
+
+
+# ---- promote --------------------------------------------------------------------------------
+
+def test_first_promotion_writes_pointer_then_one_record(local_storage):
+    _fake_version(local_storage, "v1")
+    record = promote(local_storage, "v1", expected_etag=None, action="promote",
+                     reason="no champion yet", metrics={"accuracy": 0.9})
+    champion, etag = registry.read_champion(local_storage)
+    assert champion == record
+    assert etag == local_storage.etag(CHAMPION)
+    assert champion["version"] == "v1" and champion["action"] == "promote"
+    assert champion["metrics"] == {"accuracy": 0.9}
+    keys = _records(local_storage)
+    assert len(keys) == 1 and keys[0].endswith("-v1.json")
+    assert json.loads(local_storage.read_text(keys[0])) == record
+
+
+def test_second_promotion_with_current_etag(local_storage):
+    _fake_version(local_storage, "v1")
+    _fake_version(local_storage, "v2")
+    promote(local_storage, "v1", expected_etag=None, action="promote", reason="first")
+    _, etag = registry.read_champion(local_storage)
+    promote(local_storage, "v2", expected_etag=etag, action="promote", reason="better",
+            previous="v1")
+    champion, new_etag = registry.read_champion(local_storage)
+    assert champion["version"] == "v2" and champion["previous"] == "v1"
+    assert new_etag != etag
+    assert [r["version"] for r in history(local_storage)] == ["v1", "v2"]
+
+
+def test_stale_etag_loses_and_writes_no_record(local_storage):
+    for v in ("v1", "v2", "v3"):
+        _fake_version(local_storage, v)
+    promote(local_storage, "v1", expected_etag=None, action="promote", reason="first")
+    _, stale = registry.read_champion(local_storage)
+    promote(local_storage, "v2", expected_etag=stale, action="promote", reason="won")
+    with pytest.raises(PromotionLost, match="v3"):
+        promote(local_storage, "v3", expected_etag=stale, action="promote", reason="late")
+    assert registry.read_champion(local_storage)[0]["version"] == "v2"
+    assert len(_records(local_storage)) == 2
+    assert all("v3" not in k for k in _records(local_storage))
+
+
+def test_expected_none_when_champion_exists_loses(local_storage):
+    _fake_version(local_storage, "v1")
+    _fake_version(local_storage, "v2")
+    promote(local_storage, "v1", expected_etag=None, action="promote", reason="first")
+    with pytest.raises(PromotionLost):
+        promote(local_storage, "v2", expected_etag=None, action="promote", reason="race")
+    assert registry.read_champion(local_storage)[0]["version"] == "v1"
+    assert len(_records(local_storage)) == 1
+
+
+def test_promote_without_weights_refused(local_storage):
+    local_storage.write_text("models/v9/model.json", "{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        promote(local_storage, "v9", expected_etag=None, action="promote", reason="x")
+    assert not local_storage.exists(CHAMPION)
+    assert _records(local_storage) == []
+
+
+def test_history_in_order_including_rollback(local_storage):
+    for v in ("v1", "v2"):
+        _fake_version(local_storage, v)
+    promote(local_storage, "v1", expected_etag=None, action="promote", reason="a")
+    promote(local_storage, "v2", expected_etag=registry.read_champion(local_storage)[1],
+            action="promote", reason="b", previous="v1")
+    promote(local_storage, "v1", expected_etag=registry.read_champion(local_storage)[1],
+            action="rollback", reason="c", previous="v2")
+    records = history(local_storage)
+    assert [(r["version"], r["action"], r["reason"]) for r in records] == [
+        ("v1", "promote", "a"), ("v2", "promote", "b"), ("v1", "rollback", "c")]
+    assert [r["at"] for r in records] == sorted(r["at"] for r in records)
+    assert registry.read_champion(local_storage)[0]["action"] == "rollback"
+
+
+def test_history_empty(local_storage):
+    assert history(local_storage) == []
+    assert registry.read_champion(local_storage) == (None, None)
+
+
+def test_helpers(local_storage):
+    assert registry.version_key("abc", "model.json") == "models/abc/model.json"
+    assert registry.new_version("0123456789abcdef", "fedcba987654") == "01234567-fedcba98"
+    assert registry.read_json(local_storage, "models/none.json") is None
+    registry.write_json(local_storage, "models/x.json", {"a": 1})
+    assert registry.read_json(local_storage, "models/x.json") == {"a": 1}

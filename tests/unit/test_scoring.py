@@ -1,0 +1,242 @@
+"""Scoring: deterministic chunks, the prediction row contract, model loading checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from darkroom import scoring
+from darkroom.model import create_model, mean_std, sha256, to_bytes
+from darkroom.scoring import (
+    PREDICTION_SCHEMA,
+    LoadedModel,
+    align_probs,
+    chunk_id,
+    plan_chunks,
+    predictions_frame,
+    read_predictions,
+    scored_pairs,
+    write_predictions,
+)
+from darkroom.sync import sync_prefix
+from tests.conftest import TINY, write_digits
+
+CLASSES = ["0", "1", "2"]
+PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "topk_labels", "topk_probs",
+                      "model_version", "scored_at", "status", "error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = create_model(TINY, len(CLASSES), pretrained=False).eval()
+    mean, std = mean_std(model)
+    meta = {"classes": CLASSES, "image_size": TINY.image_size, "mean": mean, "std": std,
+            "train_config": TINY.model_dump(mode="json")}
+    return model, meta
+
+
+@pytest.fixture
+def loaded(tiny_model):
+    model, meta = tiny_model
+    return LoadedModel("v1", meta, model, torch.device("cpu"))
+
+
+@pytest.fixture
+def incoming(local_storage, cache_dir):
+    """Three real digits and one broken file under incoming/, synced in place."""
+    write_digits(local_storage, classes=("0",), per_class=1, incoming=3)
+    local_storage.put_source_object("incoming/broken.png", b"not a png")
+    _, manifest = sync_prefix(local_storage, "incoming/", cache_dir)
+    items = sorted((k, e.etag) for k, e in manifest.items())
+    paths = [manifest[k].path for k, _ in items]
+    return items, paths
+
+
+# ---- chunks ---------------------------------------------------------------------------------
+
+def test_chunk_id_order_independent_and_etag_sensitive():
+    pairs = [("incoming/a.png", "e1"), ("incoming/b.png", "e2"), ("incoming/c.png", "e3")]
+    assert chunk_id(pairs) == chunk_id(list(reversed(pairs)))
+    assert chunk_id(pairs) != chunk_id([pairs[0], pairs[1], ("incoming/c.png", "e4")])
+    assert chunk_id(pairs) != chunk_id(pairs[:2])
+    assert len(chunk_id(pairs)) == 20
+
+
+def test_chunk_id_no_concatenation_ambiguity():
+    assert chunk_id([("a", "bc")]) != chunk_id([("ab", "c")])
+
+
+def test_plan_chunks_sizes_and_order():
+    pending = [(f"incoming/{i:02d}.png", "e") for i in range(10)]
+    chunks = plan_chunks(list(reversed(pending)), 4)
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert [p for c in chunks for p in c] == pending  # sorted, nothing lost or repeated
+    assert plan_chunks(pending, 10) == [pending]
+    assert plan_chunks(pending, 100) == [pending]
+    assert plan_chunks([], 5) == []
+    # Deterministic: same pending set, same chunk ids.
+    again = plan_chunks(pending[5:] + pending[:5], 4)
+    assert [chunk_id(c) for c in again] == [chunk_id(c) for c in chunks]
+
+
+# ---- prediction rows ------------------------------------------------------------------------
+
+def test_prediction_rows_follow_the_contract(local_storage, loaded, incoming):
+    items, paths = incoming
+    probs, ok = loaded.predict_proba(paths, batch_size=2)
+    assert probs.shape == (4, 3)
+    assert ok.tolist() == [key != "incoming/broken.png" for key, _ in items]
+    np.testing.assert_allclose(probs[ok].sum(1), 1.0, rtol=1e-5)
+    df = predictions_frame(loaded, items, probs, ok, {}, topk=5)
+    cid = chunk_id(items)
+    key = write_predictions(local_storage, "v1", cid, df)
+    assert key == f"predictions/v1/{cid}.parquet"
+
+    back = read_predictions(local_storage, "v1")
+    assert list(back.columns) == PREDICTION_COLUMNS
+    assert len(back) == 4
+    rows = back.set_index("key")
+    assert rows.loc[[k for k, _ in items], "etag"].tolist() == [e for _, e in items]
+    assert (back["model_version"] == "v1").all()
+    assert str(back["scored_at"].dtype).startswith("datetime64")
+    assert str(back["scored_at"].dt.tz) == "UTC"
+
+    good = back[back["status"] == "ok"]
+    assert len(good) == 3
+    for r in good.itertuples():
+        assert len(r.topk_labels) == len(r.topk_probs) == min(5, len(CLASSES))
+        assert sorted(r.topk_labels) == CLASSES
+        assert list(r.topk_probs) == sorted(r.topk_probs, reverse=True)
+        assert r.label == r.topk_labels[0]
+        assert r.confidence == pytest.approx(r.topk_probs[0])
+        assert r.error == ""
+        i = [k for k, _ in items].index(r.key)
+        assert r.confidence == pytest.approx(probs[i].max())
+        assert r.label == CLASSES[int(probs[i].argmax())]
+
+    bad = rows.loc["incoming/broken.png"]
+    assert bad["status"] == "unreadable"
+    assert bad["error"]
+    assert bad["label"] is None or pd.isna(bad["label"])
+    assert pd.isna(bad["confidence"])
+    assert len(bad["topk_labels"]) == 0
+
+
+def test_topk_smaller_than_classes(loaded, incoming):
+    items, paths = incoming
+    probs, ok = loaded.predict_proba(paths)
+    df = predictions_frame(loaded, items, probs, ok, {}, topk=2)
+    for r in df[df["status"] == "ok"].itertuples():
+        assert len(r.topk_labels) == len(r.topk_probs) == 2
+        assert r.topk_probs[0] >= r.topk_probs[1]
+
+
+def test_fetch_error_becomes_unreadable_with_its_message(loaded, incoming):
+    items, paths = incoming
+    probs, ok = loaded.predict_proba(paths)
+    failed = "incoming/new-1796.png"  # decodable, but say its fetch failed
+    assert ok[[k for k, _ in items].index(failed)]
+    df = predictions_frame(loaded, items, probs, ok, {failed: "could not fetch"}, topk=3)
+    row = df.set_index("key").loc[failed]
+    assert row["status"] == "unreadable" and row["error"] == "could not fetch"
+    assert pd.isna(row["label"]) and pd.isna(row["confidence"])
+    assert (df["status"] == "ok").sum() == 2
+
+
+def test_scored_pairs_and_folder_read(local_storage, loaded, incoming):
+    items, paths = incoming
+    probs, ok = loaded.predict_proba(paths)
+    chunks = plan_chunks(items, 3)
+    for chunk in chunks:
+        pos = [items.index(p) for p in chunk]
+        df = predictions_frame(loaded, chunk, probs[pos], ok[pos], {}, topk=3)
+        write_predictions(local_storage, "v1", chunk_id(chunk), df)
+    assert scored_pairs(local_storage, "v1") == set(items)
+    assert scored_pairs(local_storage, "other") == set()
+    folder = local_storage.root / "predictions" / "v1"
+    assert len(list(folder.glob("*.parquet"))) == len(chunks) == 2
+    whole = pd.read_parquet(folder)
+    assert sorted(whole["key"]) == sorted(k for k, _ in items)
+    assert list(whole.columns) == PREDICTION_COLUMNS
+
+
+def test_rewriting_a_chunk_replaces_not_duplicates(local_storage, loaded, incoming):
+    items, paths = incoming
+    probs, ok = loaded.predict_proba(paths)
+    df = predictions_frame(loaded, items, probs, ok, {}, topk=3)
+    for _ in range(2):
+        write_predictions(local_storage, "v1", chunk_id(items), df)
+    assert len(read_predictions(local_storage, "v1")) == len(items)
+
+
+def test_read_predictions_empty_has_schema(local_storage):
+    df = read_predictions(local_storage, "nothing")
+    assert df.empty
+    assert list(df.columns) == PREDICTION_SCHEMA.names == PREDICTION_COLUMNS
+
+
+def test_align_probs_by_class_name():
+    probs = np.array([[0.1, 0.2, 0.7], [0.5, 0.4, 0.1]], np.float32)
+    out = align_probs(probs, ["a", "b", "c"], ["c", "x", "a"])
+    np.testing.assert_allclose(out, [[0.7, 0.0, 0.1], [0.1, 0.0, 0.5]])
+    np.testing.assert_allclose(align_probs(probs, ["a", "b", "c"], ["a", "b", "c"]), probs)
+
+
+# ---- loading a version ----------------------------------------------------------------------
+
+def _write_version(storage, version, model, meta, weights: bytes | None = None):
+    real = to_bytes(model)
+    storage.write_bytes(f"models/{version}/model.safetensors",
+                        real if weights is None else weights)
+    storage.write_text(f"models/{version}/model.json",
+                       json.dumps({**meta, "version": version, "sha256": sha256(real)}))
+    return real
+
+
+def test_load_version_round_trip(local_storage, tiny_model, incoming):
+    model, meta = tiny_model
+    _write_version(local_storage, "good", model, meta)
+    loaded = scoring.load_version(local_storage, "good", "cpu")
+    assert loaded.classes == CLASSES
+    assert scoring.load_version(local_storage, "good", "cpu") is loaded  # loaded once
+    _, paths = incoming
+    direct = LoadedModel("x", meta, model, torch.device("cpu")).predict_proba(paths)[0]
+    np.testing.assert_allclose(loaded.predict_proba(paths)[0], direct, rtol=1e-4, atol=1e-6)
+
+
+def test_load_version_refuses_tampered_weights(local_storage, tiny_model):
+    model, meta = tiny_model
+    real = to_bytes(model)
+    tampered = bytearray(real)
+    tampered[-1] ^= 0xFF
+    _write_version(local_storage, "bad", model, meta, weights=bytes(tampered))
+    with pytest.raises(ValueError, match="sha256"):
+        scoring.load_version(local_storage, "bad", "cpu")
+
+
+def test_load_version_refuses_other_weights(local_storage, tiny_model):
+    model, meta = tiny_model
+    torch.manual_seed(1)
+    other = create_model(TINY, len(CLASSES), pretrained=False)
+    _write_version(local_storage, "swapped", model, meta, weights=to_bytes(other))
+    with pytest.raises(ValueError, match="sha256"):
+        scoring.load_version(local_storage, "swapped", "cpu")
+
+
+def test_chunk_of_only_unreadable_files_is_written(local_storage, loaded, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"junk")
+    items = [("incoming/bad1.png", "e1"), ("incoming/bad2.png", "e2")]
+    probs, ok = loaded.predict_proba([str(bad), ""])
+    assert not ok.any()
+    df = predictions_frame(loaded, items, probs, ok, {}, topk=5)
+    write_predictions(local_storage, "v1", chunk_id(items), df)
+    back = read_predictions(local_storage, "v1")
+    assert (back["status"] == "unreadable").all()
+    assert back["label"].isna().all() and back["confidence"].isna().all()
+    assert scored_pairs(local_storage, "v1") == set(items)
