@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from darkroom import registry
 from darkroom.config import RetrainConfig, cache_dir_for
-from darkroom.pipeline import record_candidate
+from darkroom.evaluation import record_candidate
 from darkroom.storage import open_storage
 from tasks.ingest import rebuild_index, sync_labeled
 from tasks.training import evaluate_holdout, finalize_candidate, train_fold

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from darkroom import pipeline
+from darkroom import evaluation, pipeline
 from darkroom.config import TrainConfig
 from tasks.common import retry_unless_permanent
 
@@ -36,4 +36,4 @@ def finalize_candidate(storage_uri: str, version: str, snapshot: str, fold_summa
       retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def evaluate_holdout(storage_uri: str, cache_dir: str, snapshot: str, version: str,
                      device: str = "auto") -> dict:
-    return pipeline.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device)
+    return evaluation.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device)

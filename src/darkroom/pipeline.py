@@ -20,11 +20,11 @@ import pandas as pd
 import darkroom
 from darkroom import index as idx
 from darkroom import metrics as mx
-from darkroom import plots, registry, scoring
+from darkroom import plots, registry
 from darkroom.config import TrainConfig
 from darkroom.model import resolve_device, sha256, to_bytes
-from darkroom.storage import ObjectInfo, Storage, open_storage
-from darkroom.sync import fetch_objects, load_manifest, sync_prefix
+from darkroom.storage import open_storage
+from darkroom.sync import load_manifest, local_paths, sync_prefix
 from darkroom.training import fit
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,6 @@ def rebuild_index(storage_uri: str, cache_dir: str, folds: int, seed: int,
     return pointer
 
 
-def _local_paths(storage: Storage, rows: pd.DataFrame, cache_dir: str) -> list[str]:
-    """Local files for index rows: from the sync manifest, fetching whatever is missing."""
-    manifest = load_manifest(Path(cache_dir), idx.LABELED)
-    missing = [ObjectInfo(r.key, int(r.bytes), r.etag, datetime.now(UTC))
-               for r in rows.itertuples() if manifest.get(r.key, None) is None
-               or manifest[r.key].etag != r.etag or not Path(manifest[r.key].path).exists()]
-    if missing:
-        manifest = {**manifest, **fetch_objects(storage, missing, Path(cache_dir))}
-    lost = [k for k in rows["key"] if k not in manifest]
-    if lost:
-        raise FileNotFoundError(f"{len(lost)} indexed images could not be fetched, e.g. {lost[0]}")
-    return [manifest[k].path for k in rows["key"]]
-
-
 # ---- training -------------------------------------------------------------------------------
 
 def train_fold(storage_uri: str, cache_dir: str, snapshot: str, fold: int, version: str,
@@ -93,8 +79,8 @@ def train_fold(storage_uri: str, cache_dir: str, snapshot: str, fold: int, versi
     val_rows = df[(df["split"] == "train") & (df["fold"] == fold)]
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    result = fit(_local_paths(storage, train_rows, cache_dir), train_rows["class_index"].tolist(),
-                 _local_paths(storage, val_rows, cache_dir), val_rows["class_index"].tolist(),
+    result = fit(local_paths(storage, train_rows, cache_dir), train_rows["class_index"].tolist(),
+                 local_paths(storage, val_rows, cache_dir), val_rows["class_index"].tolist(),
                  len(classes), cfg, device=dev, num_workers=num_workers, on_epoch=on_epoch)
     metrics = mx.classification_metrics(val_rows["class_index"].to_numpy(), result.val_probs,
                                         classes)
@@ -153,70 +139,3 @@ def finalize_candidate(storage_uri: str, version: str, snapshot: str, fold_summa
                         plots.confusion_png(oof_metrics["confusion_matrix"], classes,
                                             "out-of-fold confusion matrix"))
     return meta
-
-
-def evaluate_holdout(storage_uri: str, cache_dir: str, snapshot: str, version: str,
-                     device: str = "auto", batch_size: int = 64) -> dict:
-    """Metrics of model ``version`` on the holdout rows of ``snapshot`` (classes of the
-    snapshot; a class the model does not know counts as a miss)."""
-    storage = open_storage(storage_uri)
-    df, classes, _ = idx.read_index(storage, snapshot)
-    rows = df[df["split"] == "holdout"]
-    if rows.empty:
-        raise idx.DatasetError("the holdout is empty: add more labeled images")
-    loaded = scoring.load_version(storage, version, device)
-    probs, _ = loaded.predict_proba(_local_paths(storage, rows, cache_dir), batch_size)
-    probs = scoring.align_probs(probs, loaded.classes, classes)
-    return mx.classification_metrics(rows["class_index"].to_numpy(), probs, classes)
-
-
-def record_candidate(storage_uri: str, version: str, fold_summaries: list[dict],
-                     holdout: dict, champion_holdout: dict | None, decision: dict) -> dict:
-    """Writes metrics.json and decision.json of the candidate (before any pointer moves)."""
-    storage = open_storage(storage_uri)
-    folds = [s["metrics"] for s in sorted(fold_summaries, key=lambda s: s["fold"])]
-    metrics = {"folds": folds, "cv": mx.aggregate(folds), "holdout": holdout}
-    registry.write_json(storage, registry.version_key(version, "metrics.json"), metrics)
-    registry.write_json(storage, registry.version_key(version, "decision.json"),
-                        {**decision, "champion_holdout": champion_holdout,
-                         "challenger_holdout": holdout})
-    return metrics
-
-
-# ---- scoring --------------------------------------------------------------------------------
-
-def pending_chunks(storage_uri: str, version: str, chunk_size: int,
-                   rescore: bool = False) -> tuple[list[list[tuple[str, str]]], dict]:
-    """Incoming (key, etag) pairs not yet scored by ``version``, in deterministic chunks."""
-    from darkroom.sync import is_image_key
-
-    storage = open_storage(storage_uri)
-    listed = [(o.key, o.etag) for o in storage.list(scoring.INCOMING) if is_image_key(o.key)]
-    done = set() if rescore else scoring.scored_pairs(storage, version)
-    pending = [p for p in listed if p not in done]
-    counts = {"incoming": len(listed), "already_scored": len(listed) - len(pending),
-              "to_score": len(pending)}
-    return scoring.plan_chunks(pending, chunk_size), counts
-
-
-def score_chunk(storage_uri: str, cache_dir: str, version: str, items: list[tuple[str, str]],
-                device: str = "auto", batch_size: int = 64, topk: int = 5,
-                num_workers: int = 0) -> dict:
-    """Scores one chunk and writes ``predictions/<version>/<chunk_id>.parquet``."""
-    storage = open_storage(storage_uri)
-    items = [tuple(p) for p in items]
-    cid = scoring.chunk_id(items)
-    objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in items]
-    from darkroom.sync import SyncReport
-
-    report = SyncReport(prefix=scoring.INCOMING)
-    local = fetch_objects(storage, objs, Path(cache_dir), report)
-    errors = {k: "could not fetch the object" for k in report.failed_keys + report.refused_keys}
-    paths = [local[k].path if k in local else "" for k, _ in items]
-    loaded = scoring.load_version(storage, version, device)
-    probs, ok = loaded.predict_proba(paths, batch_size, num_workers)
-    frame = scoring.predictions_frame(loaded, items, probs, ok, errors, topk)
-    key = scoring.write_predictions(storage, version, cid, frame)
-    return {"chunk_id": cid, "key": key, "images": len(items),
-            "failed": int((frame["status"] != "ok").sum()),
-            "per_class": frame["label"].value_counts().to_dict()}

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,8 @@ from darkroom.config import TrainConfig
 from darkroom.data import SafeImageDataset, build_transform
 from darkroom.model import create_model, load_weights, resolve_device
 from darkroom.registry import version_key
-from darkroom.storage import Storage
+from darkroom.storage import ObjectInfo, Storage, open_storage
+from darkroom.sync import SyncReport, fetch_objects, is_image_key
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +159,38 @@ def read_predictions(storage: Storage, version: str) -> pd.DataFrame:
     if not frames:
         return PREDICTION_SCHEMA.empty_table().to_pandas()
     return pd.concat(frames, ignore_index=True)
+
+
+# ---- the scoring stage: what a scoring task runs ----------------------------------------
+
+def pending_chunks(storage_uri: str, version: str, chunk_size: int,
+                   rescore: bool = False) -> tuple[list[list[tuple[str, str]]], dict]:
+    """Incoming (key, etag) pairs not yet scored by ``version``, in deterministic chunks."""
+    storage = open_storage(storage_uri)
+    listed = [(o.key, o.etag) for o in storage.list(INCOMING) if is_image_key(o.key)]
+    done = set() if rescore else scored_pairs(storage, version)
+    pending = [p for p in listed if p not in done]
+    counts = {"incoming": len(listed), "already_scored": len(listed) - len(pending),
+              "to_score": len(pending)}
+    return plan_chunks(pending, chunk_size), counts
+
+
+def score_chunk(storage_uri: str, cache_dir: str, version: str, items: list[tuple[str, str]],
+                device: str = "auto", batch_size: int = 64, topk: int = 5,
+                num_workers: int = 0) -> dict:
+    """Scores one chunk and writes ``predictions/<version>/<chunk_id>.parquet``."""
+    storage = open_storage(storage_uri)
+    items = [tuple(p) for p in items]
+    cid = chunk_id(items)
+    objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in items]
+    report = SyncReport(prefix=INCOMING)
+    local = fetch_objects(storage, objs, Path(cache_dir), report)
+    errors = {k: "could not fetch the object" for k in report.failed_keys + report.refused_keys}
+    paths = [local[k].path if k in local else "" for k, _ in items]
+    loaded = load_version(storage, version, device)
+    probs, ok = loaded.predict_proba(paths, batch_size, num_workers)
+    frame = predictions_frame(loaded, items, probs, ok, errors, topk)
+    key = write_predictions(storage, version, cid, frame)
+    return {"chunk_id": cid, "key": key, "images": len(items),
+            "failed": int((frame["status"] != "ok").sum()),
+            "per_class": frame["label"].value_counts().to_dict()}

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from darkroom.storage import ObjectInfo, Storage, UnsafeKeyError, atomic_write_file, check_key
@@ -182,3 +183,18 @@ def fetch_objects(
             if progress:
                 progress(done, len(futures))
     return out
+
+
+def local_paths(storage: Storage, rows, cache_dir: str | Path) -> list[str]:
+    """Local files for index rows (key, etag, bytes): from the labeled/ manifest, fetching
+    whatever is missing or stale (a worker that never synced fetches what it needs)."""
+    manifest = load_manifest(Path(cache_dir), "labeled/")
+    missing = [ObjectInfo(r.key, int(r.bytes), r.etag, datetime.now(UTC))
+               for r in rows.itertuples() if manifest.get(r.key, None) is None
+               or manifest[r.key].etag != r.etag or not Path(manifest[r.key].path).exists()]
+    if missing:
+        manifest = {**manifest, **fetch_objects(storage, missing, Path(cache_dir))}
+    lost = [k for k in rows["key"] if k not in manifest]
+    if lost:
+        raise FileNotFoundError(f"{len(lost)} indexed images could not be fetched, e.g. {lost[0]}")
+    return [manifest[k].path for k in rows["key"]]
