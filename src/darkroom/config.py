@@ -76,6 +76,14 @@ class RetrainConfig(RuntimeConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
     force: bool = Field(False, description="Train even if data and config did not change.")
+    min_delta: float = Field(
+        0.0, ge=0, description="Promote only if the challenger beats the champion's primary "
+        "metric (train.metric) on the holdout by more than this."
+    )
+    max_class_recall_drop: float = Field(
+        0.05, ge=0, le=1, description="Reject a challenger if any class's holdout recall falls "
+        "by more than this versus the champion."
+    )
 
 
 class ScoreConfig(RuntimeConfig):
@@ -84,6 +92,11 @@ class ScoreConfig(RuntimeConfig):
     batch_size: int = Field(64, ge=1)
     chunk_size: int = Field(512, ge=1, description="Images per scoring task (one file each).")
     topk: int = Field(5, ge=1)
+    tta: bool = Field(False, description="Average the image and its horizontal flip.")
+    low_confidence: float = Field(
+        0.5, ge=0, le=1, description="Rows whose top probability is below this are flagged."
+    )
+    rescore: bool = Field(False, description="Score every image again for the champion.")
 
 
 def cache_dir_for(cfg: RuntimeConfig) -> Path:
