@@ -10,6 +10,7 @@ from darkroom import registry
 from darkroom.config import ScoreConfig, cache_dir_for
 from darkroom.scoring import chunk_id
 from darkroom.storage import open_storage
+from tasks.common import run_name
 from tasks.scoring import plan_chunks, score_chunk
 
 
@@ -17,9 +18,10 @@ class NoChampion(RuntimeError):
     pass
 
 
-@flow(name="score-new-images", log_prints=True)
+@flow(name="score-new-images", flow_run_name=run_name("score"), log_prints=True)
 def score_new_images(config: ScoreConfig | None = None, rescore: bool = False) -> dict:
-    """Scores every incoming image the champion has not scored yet (all of them with rescore)."""
+    """Scores the incoming images no model has scored yet; with ``rescore``, every image the
+    current champion has not scored (older versions' predictions stay)."""
     config = config or ScoreConfig()
     logger = get_run_logger()
     storage = open_storage(config.storage)
@@ -33,23 +35,36 @@ def score_new_images(config: ScoreConfig | None = None, rescore: bool = False) -
                 version, counts["incoming"], counts["already_scored"], counts["to_score"],
                 len(chunks))
     futures = [score_chunk.submit(storage.uri, cache, version, chunk_id(c), c, config.device,
-                                  config.batch_size, config.topk, config.num_workers)
+                                  config.batch_size, config.topk, config.num_workers,
+                                  config.tta, config.low_confidence)
                for c in chunks]
     results = [f.result() for f in futures]
+    summary = summarize_run(version, counts, results)
+    create_markdown_artifact(summary_markdown(summary), key="scoring-summary",
+                             description=f"Scoring run with {version}")
+    return summary
+
+
+def summarize_run(version: str, counts: dict, results: list[dict]) -> dict:
     per_class: dict[str, int] = {}
     for r in results:
         for label, n in r["per_class"].items():
             per_class[label] = per_class.get(label, 0) + n
-    summary = {"version": version, **counts, "scored": sum(r["images"] for r in results),
-               "failed": sum(r["failed"] for r in results), "chunks": len(results),
-               "per_class": dict(sorted(per_class.items())),
-               "files": [r["key"] for r in results]}
-    create_markdown_artifact(
-        f"# Scored with `{version}`\n\n| incoming | already scored | scored | failed |\n"
-        f"|---|---|---|---|\n| {counts['incoming']} | {counts['already_scored']} | "
-        f"{summary['scored']} | {summary['failed']} |\n\nPer class: {summary['per_class']}\n",
-        key="scoring-summary", description=f"Scoring run with {version}")
-    return summary
+    return {"version": version, **counts, "scored": sum(r["images"] for r in results),
+            "failed": sum(r["failed"] for r in results),
+            "low_confidence": sum(r["low_confidence"] for r in results),
+            "chunks": len(results), "per_class": dict(sorted(per_class.items())),
+            "files": [r["key"] for r in results]}
+
+
+def summary_markdown(s: dict) -> str:
+    lines = [f"# Scored with `{s['version']}`", "",
+             "| incoming | skipped (already scored) | scored | failed | low confidence |",
+             "|---|---|---|---|---|",
+             f"| {s['incoming']} | {s['already_scored']} | {s['scored']} | {s['failed']} | "
+             f"{s['low_confidence']} |", "", "| predicted class | images |", "|---|---|"]
+    lines += [f"| {c} | {n} |" for c, n in s["per_class"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

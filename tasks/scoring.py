@@ -18,6 +18,7 @@ def plan_chunks(storage_uri: str, version: str, chunk_size: int, rescore: bool =
       retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def score_chunk(storage_uri: str, cache_dir: str, version: str, chunk_id: str,
                 items: list[tuple[str, str]], device: str = "auto", batch_size: int = 64,
-                topk: int = 5, num_workers: int = 0) -> dict:
+                topk: int = 5, num_workers: int = 0, tta: bool = False,
+                low_confidence: float = 0.5) -> dict:
     return scoring.score_chunk(storage_uri, cache_dir, version, items, device, batch_size, topk,
-                                num_workers)
+                               num_workers, tta, low_confidence)

@@ -16,7 +16,11 @@ CHAMPION = "models/champion.json"
 PROMOTIONS = "models/promotions/"
 
 
-class PromotionLost(RuntimeError):
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked; the message says why."""
+
+
+class PromotionLost(RegistryError):
     """Another promotion changed the champion pointer first; nothing was written."""
 
 
@@ -48,18 +52,50 @@ def read_champion(storage: Storage) -> tuple[dict | None, str | None]:
     return json.loads(storage.read_text(CHAMPION)), etag
 
 
-def decide(challenger: dict, champion: dict | None, metric: str) -> dict:
-    """Promote when there is no champion, or the challenger is strictly better on ``metric``
-    measured on the same holdout."""
+def decide(challenger: dict, champion: dict | None, metric: str, min_delta: float = 0.0,
+           max_class_recall_drop: float = 1.0) -> dict:
+    """The promotion gate, on two models' metrics from the same holdout.
+
+    Promote when there is no champion, or when the challenger's ``metric`` beats the
+    champion's by at least ``min_delta`` (and by more than nothing) and no class's recall
+    falls by more than ``max_class_recall_drop``.
+
+    Returns:
+        The decision: ``promote``, the ``rule`` that decided, both metrics and per-class recall.
+    """
     new = challenger[metric]
+    new_recall = challenger.get("per_class_accuracy", {})
+    base = {"metric": metric, "challenger": new, "min_delta": min_delta,
+            "max_class_recall_drop": max_class_recall_drop}
     if champion is None:
-        return {"promote": True, "metric": metric, "challenger": new, "champion": None,
-                "rule": "no champion yet"}
+        return {**base, "promote": True, "champion": None, "rule": "no champion yet",
+                "per_class_recall": {c: {"challenger": r, "champion": None}
+                                     for c, r in new_recall.items()}}
     old = champion[metric]
-    better = new > old
-    rule = (f"challenger {metric} {new:.4f} {'>' if better else '<='} champion {old:.4f} "
-            "on the same holdout")
-    return {"promote": better, "metric": metric, "challenger": new, "champion": old, "rule": rule}
+    old_recall = champion.get("per_class_accuracy", {})
+    per_class = {c: {"challenger": new_recall.get(c), "champion": old_recall.get(c)}
+                 for c in new_recall}
+    drops = {c: v["champion"] - v["challenger"] for c, v in per_class.items()
+             if v["challenger"] is not None and v["champion"] is not None
+             and v["champion"] - v["challenger"] > max_class_recall_drop + 1e-12}
+    gain = new - old
+    if gain <= 0 or gain < min_delta:
+        promote = False
+        rule = (f"rejected: challenger {metric} {new:.4f} does not beat champion {old:.4f} by "
+                f"at least {min_delta:g} (gain {gain:+.4f}) on the same holdout")
+    elif drops:
+        promote = False
+        worst = max(drops, key=drops.get)
+        rule = (f"rejected: recall of class {worst!r} fell by {drops[worst]:.4f} "
+                f"(> {max_class_recall_drop:g}) although {metric} rose {old:.4f} -> {new:.4f}"
+                + (f"; also {sorted(set(drops) - {worst})}" if len(drops) > 1 else ""))
+    else:
+        promote = True
+        rule = (f"promoted: challenger {metric} {new:.4f} beats champion {old:.4f} by "
+                f"{gain:+.4f} (>= {min_delta:g}); no class recall fell by more than "
+                f"{max_class_recall_drop:g}")
+    return {**base, "promote": promote, "champion": old, "rule": rule,
+            "per_class_recall": per_class, "recall_drops": drops}
 
 
 def promote(storage: Storage, version: str, *, expected_etag: str | None, action: str,
@@ -88,3 +124,47 @@ def promote(storage: Storage, version: str, *, expected_etag: str | None, action
 
 def history(storage: Storage) -> list[dict]:
     return [json.loads(storage.read_text(o.key)) for o in storage.list(PROMOTIONS)]
+
+
+def lineage(records: list[dict]) -> list[str]:
+    """The chain of champions that rollbacks walk back: promotions push, rollbacks pop."""
+    stack: list[str] = []
+    for r in records:
+        if r["action"] == "rollback":
+            while stack and stack[-1] != r["version"]:
+                stack.pop()
+            if not stack:
+                stack.append(r["version"])
+        else:
+            stack.append(r["version"])
+    return stack
+
+
+def rollback(storage: Storage) -> dict:
+    """Points the champion back at the one it replaced (one conditional write + a record).
+
+    Raises:
+        RegistryError: there is no champion, or none before it.
+        PromotionLost: the pointer changed meanwhile.
+    """
+    champion, etag = read_champion(storage)
+    if champion is None:
+        raise RegistryError("no champion yet: nothing to roll back")
+    chain = lineage(history(storage))
+    if len(chain) < 2 or chain[-1] != champion["version"]:
+        raise RegistryError(f"no previous champion before {champion['version']} in "
+                            f"{storage.url(PROMOTIONS)}: nothing to roll back to")
+    return promote(storage, chain[-2], expected_etag=etag, action="rollback",
+                   reason=f"rollback from {champion['version']}", previous=champion["version"],
+                   metrics=champion_metrics(storage, chain[-2]))
+
+
+def champion_metrics(storage: Storage, version: str) -> dict:
+    metrics = read_json(storage, version_key(version, "metrics.json")) or {}
+    holdout = metrics.get("holdout", {})
+    return {k: holdout[k] for k in ("accuracy", "f1_macro") if k in holdout}
+
+
+def list_versions(storage: Storage) -> list[str]:
+    return sorted({o.key.split("/")[1] for o in storage.list("models/")
+                   if o.key.endswith("/model.json") and o.key.count("/") == 2})

@@ -55,7 +55,7 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     assert scored["version"] == version and scored["scored"] == 7 and scored["chunks"] == 3
     preds = read_predictions(local_storage, version)
     assert set(preds["key"]) == incoming and len(preds) == 7
-    assert list(preds.columns) == ["key", "etag", "label", "confidence", "topk_labels",
+    assert list(preds.columns) == ["key", "etag", "label", "confidence", "low_confidence", "topk_labels",
                                    "topk_probs", "model_version", "scored_at", "status", "error"]
     assert (preds["status"] == "ok").all() and preds["topk_labels"].map(len).eq(3).all()
 
@@ -82,8 +82,14 @@ def test_a_changed_config_trains_a_challenger_that_must_beat_the_champion(local_
     assert not second["skipped"] and second["version"] != first["version"]
     decision = json.loads(local_storage.read_text(f"models/{second['version']}/decision.json"))
     champion = json.loads(local_storage.read_text("models/champion.json"))
-    if decision["challenger"] > decision["champion"]:
-        assert second["promoted"] and champion["version"] == second["version"]
+    # The same holdout for both, and the gate's rules recomputed from the saved metrics.
+    assert decision["challenger_holdout"]["n"] == decision["champion_holdout"]["n"]
+    drops = [v["champion"] - v["challenger"] for v in decision["per_class_recall"].values()]
+    should = (decision["challenger"] > decision["champion"]
+              and max(drops) <= decision["max_class_recall_drop"] + 1e-9)
+    assert second["promoted"] == should == decision["promote"]
+    if should:
+        assert champion["version"] == second["version"]
     else:
         assert not second["promoted"] and champion["version"] == first["version"]
         assert len(list(local_storage.list("models/promotions/"))) == 1

@@ -20,7 +20,7 @@ from tests.s3.conftest import list_keys
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "topk_labels", "topk_probs",
+PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",
                       "model_version", "scored_at", "status", "error"]
 
 

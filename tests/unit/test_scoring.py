@@ -26,7 +26,7 @@ from darkroom.sync import sync_prefix
 from tests.conftest import TINY, write_digits
 
 CLASSES = ["0", "1", "2"]
-PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "topk_labels", "topk_probs",
+PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",
                       "model_version", "scored_at", "status", "error"]
 
 
