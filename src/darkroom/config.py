@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from darkroom.storage import default_storage_uri
 
@@ -40,6 +40,45 @@ class TrainConfig(BaseModel):
     metric: Literal["accuracy", "f1_macro"] = Field(
         "accuracy", description="Picks the best fold and decides promotion."
     )
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        "adam", description="adam (the tutorials'), adamw (decoupled weight decay), or sgd "
+        "(momentum 0.9, Nesterov)."
+    )
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, description="Train only the new classifier head for this many epochs, then "
+        "unfreeze everything (transfer learning)."
+    )
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many epochs without a lower validation loss "
+        "(0: never stop early). The best epoch's weights are kept either way."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the loss by n_images / (n_classes * class count) "
+        "of the fold's training rows."
+    )
+    mixup_prob: float = Field(
+        0.0, ge=0, le=1, description="Probability that a training batch is mixed with MixUp "
+        "(alpha 0.2)."
+    )
+    cutmix_prob: float = Field(
+        0.0, ge=0, le=1, description="Probability that a training batch is mixed with CutMix "
+        "(alpha 1.0); mixup_prob + cutmix_prob must not exceed 1."
+    )
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Batches per optimizer step (effective batch = batch_size x this)."
+    )
+    mixed_precision: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="CUDA only (ignored on a CPU). auto: bf16 where the GPU supports it, "
+        "else fp16 with a gradient scaler."
+    )
+    channels_last: bool = Field(True, description="NHWC memory layout on CUDA (faster convs).")
+    compile: bool = Field(False, description="torch.compile the model on CUDA.")
+    final_model: Literal["best_fold", "ensemble", "refit"] = Field(
+        "best_fold", description="best_fold: the best fold's weights; ensemble: every fold's "
+        "model, probabilities averaged; refit: one model on all train rows for the folds' mean "
+        "best epoch count."
+    )
 
     @field_validator("lr_min")
     @classmethod
@@ -49,9 +88,21 @@ class TrainConfig(BaseModel):
             raise ValueError(f"lr_min ({v}) must not exceed lr ({lr})")
         return v
 
+    @model_validator(mode="after")
+    def _mix_probs_add_up(self):
+        if self.mixup_prob + self.cutmix_prob > 1:
+            raise ValueError(f"mixup_prob + cutmix_prob ({self.mixup_prob} + {self.cutmix_prob})"
+                             " must not exceed 1")
+        return self
+
     def fingerprint(self) -> str:
-        """A short hash of every field: same fingerprint, same training."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of every field and the code version: same fingerprint, same training.
+
+        The code version is in it so that a release that changes training retrains.
+        """
+        from darkroom import __version__
+
+        blob = json.dumps({**self.model_dump(mode="json"), "_code": __version__}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -80,6 +131,7 @@ class RetrainConfig(RuntimeConfig):
         0.0, ge=0, description="Promote only if the challenger beats the champion's primary "
         "metric (train.metric) on the holdout by more than this."
     )
+    tta: bool = Field(False, description="Holdout evaluation averages image and h-flip.")
     max_class_recall_drop: float = Field(
         0.05, ge=0, le=1, description="Reject a challenger if any class's holdout recall falls "
         "by more than this versus the champion."
@@ -96,7 +148,6 @@ class ScoreConfig(RuntimeConfig):
     low_confidence: float = Field(
         0.5, ge=0, le=1, description="Rows whose top probability is below this are flagged."
     )
-    rescore: bool = Field(False, description="Score every image again for the champion.")
 
 
 def cache_dir_for(cfg: RuntimeConfig) -> Path:

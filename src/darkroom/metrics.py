@@ -5,14 +5,20 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
+# The scalar metrics a fold summary keeps and the cross-validation aggregates.
+SCALARS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "top5_accuracy")
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
-                           classes: list[str]) -> dict:
-    """Accuracy, macro precision/recall/F1, top-k, log loss, confusion matrix, per class.
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                           train_counts: list[int] | None = None) -> dict:
+    """Accuracy, macro precision/recall/F1, top-1 (and top-5 with more than 5 classes), log
+    loss, confusion matrix, per-class accuracy and support.
 
     Args:
         y_true: class indices, shape (n,).
         probs: class probabilities, shape (n, len(classes)).
+        train_counts: training images per class (index order); when given, reported as
+            ``per_class_train_images`` next to the per-class accuracy.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -41,15 +47,19 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray,
         "per_class_accuracy": per_class,
         "per_class_support": {c: int(s) for c, s in zip(classes, support, strict=True)},
     }
+    if train_counts is not None:
+        out["per_class_train_images"] = {c: int(n)
+                                         for c, n in zip(classes, train_counts, strict=True)}
     for k in (1, 5):
-        if k <= n_classes and len(y_true):
+        # top-k with k >= the class count is 1.0 by construction: only report it when it says
+        # something (top-1 always does)
+        if (k == 1 or k < n_classes) and len(y_true):
             topk = np.argsort(-probs, axis=1)[:, :k]
             out[f"top{k}_accuracy"] = float((topk == y_true[:, None]).any(1).mean())
     return out
 
 
-def aggregate(fold_metrics: list[dict], keys=("accuracy", "precision_macro", "recall_macro",
-                                               "f1_macro", "log_loss", "top5_accuracy")) -> dict:
+def aggregate(fold_metrics: list[dict], keys=SCALARS) -> dict:
     """Mean and std across folds of each scalar metric present in every fold."""
     out = {}
     for k in keys:

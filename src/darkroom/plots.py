@@ -1,8 +1,10 @@
-"""PNG plots saved next to a model: training curves and the confusion matrix."""
+"""PNG plots saved next to a model: training curves per fold, the confusion matrix, per-class
+accuracy against training images, the worst mistakes, and the learning-rate range test."""
 
 from __future__ import annotations
 
 import io
+import math
 
 import matplotlib
 
@@ -19,18 +21,23 @@ def _png(fig) -> bytes:
 
 
 def curves_png(histories: dict[int, list[dict]]) -> bytes:
-    """Train/validation loss and validation accuracy per epoch, one line per fold."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for fold, hist in sorted(histories.items()):
+    """One column per fold: train and validation loss (top) and accuracy (bottom) per epoch."""
+    folds = sorted(histories)
+    fig, axes = plt.subplots(2, max(len(folds), 1), figsize=(3.2 * max(len(folds), 1), 5.5),
+                             squeeze=False, sharex="col")
+    for col, fold in enumerate(folds):
+        hist = histories[fold]
         ep = [h["epoch"] + 1 for h in hist]
-        line, = ax_loss.plot(ep, [h["train_loss"] for h in hist], "--", alpha=0.6)
-        ax_loss.plot(ep, [h["val_loss"] for h in hist], color=line.get_color(),
-                     label=f"fold {fold}")
-        ax_acc.plot(ep, [h["val_accuracy"] for h in hist], color=line.get_color(),
-                    label=f"fold {fold}")
-    ax_loss.set(title="loss (dashed: train, solid: validation)", xlabel="epoch")
-    ax_acc.set(title="validation accuracy", xlabel="epoch")
-    ax_acc.legend(fontsize=8)
+        for row, what in enumerate(("loss", "accuracy")):
+            ax = axes[row][col]
+            ax.plot(ep, [h[f"train_{what}"] for h in hist], "--", label="train")
+            if hist and f"val_{what}" in hist[0]:
+                ax.plot(ep, [h[f"val_{what}"] for h in hist], label="validation")
+                best = min(range(len(hist)), key=lambda i: hist[i]["val_loss"])
+                ax.axvline(ep[best], color="grey", lw=0.8, ls=":")
+            ax.set(title=f"fold {fold} {what}", xlabel="epoch" if row else None)
+            ax.legend(fontsize=7)
+    fig.suptitle("training curves (dotted line: the epoch kept)")
     return _png(fig)
 
 
@@ -48,4 +55,50 @@ def confusion_png(cm: list[list[int]], classes: list[str], title: str) -> bytes:
             for j in range(n):
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
+    return _png(fig)
+
+
+def per_class_png(accuracy: dict[str, float | None], train_images: dict[str, int]) -> bytes:
+    """Per-class accuracy against the class's number of training images: rare classes that
+    do badly sit bottom left."""
+    classes = [c for c in accuracy if accuracy[c] is not None]
+    x = [train_images.get(c, 0) for c in classes]
+    y = [accuracy[c] for c in classes]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(x, y)
+    for c, xi, yi in zip(classes, x, y, strict=True):
+        ax.annotate(c, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="training images", ylabel="out-of-fold accuracy",
+           title="per-class accuracy vs. training images", ylim=(-0.02, 1.05))
+    return _png(fig)
+
+
+def mistakes_png(items: list[tuple[np.ndarray | None, str, str, float]]) -> bytes:
+    """A gallery of mistakes: (RGB image or None, true label, predicted label, confidence)."""
+    if not items:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
+        return _png(fig)
+    cols = min(4, len(items))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, true, pred, conf) in zip(axes.flat, items, strict=False):
+        if image is not None:
+            ax.imshow(image)
+        ax.set_title(f"true {true}\npred {pred} ({conf:.2f})", fontsize=8)
+    fig.suptitle("most confident mistakes (out of fold)")
+    return _png(fig)
+
+
+def lr_finder_png(lrs: list[float], losses: list[float], suggested: float | None) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
+           title="learning-rate range test")
+    if suggested:
+        ax.axvline(suggested, color="red", ls="--", label=f"suggested {suggested:.2e}")
+        ax.legend()
     return _png(fig)

@@ -97,10 +97,18 @@ def test_top5_with_six_classes():
     assert m["accuracy"] == pytest.approx(1 / 3)
 
 
-def test_top5_present_with_exactly_five_classes():
+def test_top5_only_with_more_than_five_classes():
+    # With 5 classes top-5 is 1.0 by construction: not reported; top-1 always is.
     m = classification_metrics([4], [[0.3, 0.2, 0.2, 0.2, 0.1]], list("abcde"))
-    assert m["top5_accuracy"] == 1.0
+    assert "top5_accuracy" not in m
     assert m["top1_accuracy"] == 0.0
+
+
+def test_per_class_accuracy_next_to_training_images():
+    m = classification_metrics(Y, P, CLASSES, train_counts=[40, 7, 0])
+    assert m["per_class_train_images"] == {"a": 40, "b": 7, "c": 0}
+    assert m["per_class_accuracy"]["a"] == pytest.approx(0.5)
+    assert "per_class_train_images" not in classification_metrics(Y, P, CLASSES)
 
 
 def test_metrics_json_serializable(m):

@@ -10,7 +10,17 @@ from safetensors.torch import save_file
 from darkroom.config import TrainConfig
 from darkroom.model import create_model, load_weights, sha256, to_bytes
 from darkroom.sync import sync_prefix
-from darkroom.training import NonFiniteLoss, fit
+from darkroom.training import (
+    NonFiniteLoss,
+    StepOptions,
+    amp_dtype,
+    class_weights,
+    fit,
+    local_weights,
+    mix_batch,
+    seed_everything,
+    to_device,
+)
 from tests.conftest import TINY, write_digits
 
 
@@ -110,3 +120,336 @@ def test_weights_round_trip_and_tamper_check():
 def test_config_rejects_lr_min_above_lr():
     with pytest.raises(ValueError, match="lr_min"):
         TrainConfig(lr=1e-4, lr_min=1e-3)
+
+
+# ---- every TrainConfig option on tiny data --------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def _fit(digit_files, cfg, **kw):
+    paths, labels, classes = digit_files
+    return fit(paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes), cfg,
+               device=CPU, **kw)
+
+
+@pytest.mark.parametrize("update", [
+    {"optimizer": "adamw", "weight_decay": 0.05},
+    {"optimizer": "sgd", "lr": 0.05},
+    {"label_smoothing": 0.1},
+    {"class_weights": "balanced"},
+    {"mixup_prob": 1.0},
+    {"cutmix_prob": 1.0},
+    {"mixup_prob": 0.5, "cutmix_prob": 0.5, "augment": "no-flip"},
+])
+def test_each_option_trains_and_reaches_lr_min(digit_files, update):
+    cfg = TINY.model_copy(update={"epochs": 2, "batch_size": 8, **update})
+    res = _fit(digit_files, cfg)
+    assert len(res.history) == 2 and all(np.isfinite(h["train_loss"]) for h in res.history)
+    assert res.history[-1]["lr"] == pytest.approx(cfg.lr_min)
+
+
+def test_grad_accumulation_steps_the_scheduler_once_per_accumulated_batch(digit_files):
+    cfg = TINY.model_copy(update={"epochs": 2, "batch_size": 4, "grad_accum_steps": 3})
+    res = _fit(digit_files, cfg)
+    # 24 train images / 4 = 6 batches = 2 optimizer steps per epoch; the cosine ends at lr_min
+    # exactly after 4 steps, so one scheduler step too many or too few would miss it.
+    assert res.history[-1]["lr"] == pytest.approx(cfg.lr_min)
+    assert res.history[0]["lr"] == pytest.approx(
+        cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + np.cos(np.pi * 2 / 4)) / 2)
+
+
+def test_freeze_backbone_trains_only_the_head_first(digit_files):
+    cfg = TINY.model_copy(update={"epochs": 1, "freeze_backbone_epochs": 1})
+    seed_everything(cfg.seed)  # fit starts from this same initialisation
+    start = create_model(cfg, 3).state_dict()
+    res = _fit(digit_files, cfg)
+    end = res.model.state_dict()
+    head = {"fc.weight", "fc.bias"}
+    assert all(torch.equal(start[k], end[k]) for k in start if k not in head)  # BN stats too
+    assert not torch.equal(start["fc.weight"], end["fc.weight"])
+    assert res.history[0]["frozen_backbone"]
+    res2 = _fit(digit_files, cfg.model_copy(update={"epochs": 2}))
+    assert [h["frozen_backbone"] for h in res2.history] == [True, False]
+    assert not torch.equal(start["conv1.0.weight"], res2.model.state_dict()["conv1.0.weight"])
+
+
+def test_early_stopping_keeps_the_best_epoch(digit_files, monkeypatch):
+    import darkroom.training as tr
+
+    losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95])
+    real = tr.evaluate
+
+    def fake(*a, **kw):
+        stats, probs = real(*a, **kw)
+        return {**stats, "loss": next(losses)}, probs
+
+    monkeypatch.setattr(tr, "evaluate", fake)
+    res = _fit(digit_files, TINY.model_copy(update={"epochs": 6, "early_stopping_patience": 2}))
+    assert len(res.history) == 4 and res.stopped_early and res.best_epoch == 1
+
+
+def test_class_weights_balance_the_classes():
+    w = class_weights([0, 0, 0, 1], 3)
+    # n / (n_classes * count): 4 / (3 * 3), 4 / (3 * 1); a class without rows weighs 0
+    assert w.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+
+
+def test_cutmix_pastes_a_box_and_reports_its_area():
+    cfg = TINY.model_copy(update={"cutmix_prob": 1.0})
+    torch.manual_seed(3)
+    images = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    mixed, ya, yb, lam = mix_batch(images, torch.tensor([0, 1]), cfg)
+    pasted = (mixed[0] == 1).float().mean().item()  # image 0 got pixels from image 1 only
+    assert yb.tolist() == [1, 0] and lam == pytest.approx(1 - pasted)
+
+
+def test_mixup_blends_images_and_no_mixing_is_identity():
+    images, labels = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]), torch.tensor([0, 1])
+    mixed, ya, yb, lam = mix_batch(images, labels, TINY.model_copy(update={"mixup_prob": 1.0}))
+    assert torch.allclose(mixed[0], torch.full((3, 4, 4), 1 - lam)) and yb.tolist() == [1, 0]
+    same = mix_batch(images, labels, TINY)
+    assert same[0] is images and same[3] == 1.0
+
+
+def test_mixed_precision_layout_and_compile_settings(monkeypatch):
+    cuda = torch.device("cuda")
+    assert amp_dtype(TINY, CPU) is None  # never on a CPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert amp_dtype(TINY, cuda) is torch.float16  # auto: fp16 + scaler on older GPUs
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert amp_dtype(TINY, cuda) is torch.bfloat16
+    assert amp_dtype(TINY.model_copy(update={"mixed_precision": "fp16"}), cuda) is torch.float16
+    assert amp_dtype(TINY.model_copy(update={"mixed_precision": "off"}), cuda) is None
+    x, _ = to_device(torch.zeros(2, 3, 8, 8), torch.zeros(2), CPU,
+                     StepOptions(channels_last=True))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_and_channels_last_are_cuda_only(digit_files, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    cfg = TINY.model_copy(update={"compile": True, "channels_last": True})
+    res = _fit(digit_files, cfg)
+    assert compiled == []  # on a CPU the eager model trains
+    assert res.model.conv1[0].weight.is_contiguous()
+
+
+def test_dataloader_workers(digit_files):
+    res = _fit(digit_files, TINY, num_workers=1)
+    assert len(res.history) == 1
+
+
+def test_config_rejects_mix_probabilities_above_one():
+    with pytest.raises(ValueError, match="mixup_prob"):
+        TrainConfig(mixup_prob=0.6, cutmix_prob=0.5)
+
+
+def test_fingerprint_covers_every_field_and_the_code_version(monkeypatch):
+    import darkroom
+
+    base = TINY.fingerprint()
+    assert TINY.model_copy(update={"label_smoothing": 0.1}).fingerprint() != base
+    monkeypatch.setattr(darkroom, "__version__", "99.0")
+    assert TINY.fingerprint() != base
+
+
+def test_pretrained_file_from_a_storage_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("DARKROOM_CACHE", str(tmp_path / "cache"))
+    source = create_model(TINY, num_classes=10)
+    (tmp_path / "w").mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "w" / "backbone.safetensors"))
+    cfg = TINY.model_copy(update={"pretrained": True,
+                                  "pretrained_file": f"file://{tmp_path}/w/backbone.safetensors"})
+    model = create_model(local_weights(cfg), num_classes=3)
+    assert torch.equal(model.state_dict()["conv1.0.weight"],
+                       source.state_dict()["conv1.0.weight"])
+
+
+# ---- checkpoints, resume, out of memory -----------------------------------------------------
+
+class MemoryCheckpointer:
+    """Round-trips every save through torch.save / torch.load(weights_only=True)."""
+
+    def __init__(self):
+        self.data, self.saves = None, 0
+
+    def load(self):
+        import io
+
+        return None if self.data is None else torch.load(io.BytesIO(self.data),
+                                                         weights_only=True)
+
+    def save(self, state):
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.data, self.saves = buf.getvalue(), self.saves + 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files):
+    cfg = TINY.model_copy(update={"epochs": 3, "batch_size": 8, "mixup_prob": 0.5})
+    whole = _fit(digit_files, cfg)
+    ckpt = MemoryCheckpointer()
+
+    def crash_after_epoch_1(row):
+        if row["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        _fit(digit_files, cfg, checkpoint=ckpt, on_epoch=crash_after_epoch_1)
+    assert ckpt.load()["epoch"] == 1
+    resumed = _fit(digit_files, cfg, checkpoint=ckpt)
+    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
+    assert resumed.best_epoch == whole.best_epoch
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    np.testing.assert_allclose(resumed.val_probs, whole.val_probs, rtol=1e-5)
+
+
+def test_cuda_out_of_memory_retries_with_half_the_batch(digit_files, monkeypatch):
+    import darkroom.training as tr
+
+    real, calls = tr.train_one_epoch, []
+
+    def oom_once(model, loader, *a, **kw):
+        calls.append(loader.batch_size)
+        if len(calls) == 2:  # the second epoch of the first attempt
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, loader, *a, **kw)
+
+    monkeypatch.setattr(tr, "train_one_epoch", oom_once)
+    ckpt = MemoryCheckpointer()
+    cfg = TINY.model_copy(update={"epochs": 3, "batch_size": 8})
+    res = _fit(digit_files, cfg, checkpoint=ckpt)
+    assert calls == [8, 8, 4, 4]  # resumed at epoch 1 from the checkpoint, half the batch
+    assert (res.batch_size, res.grad_accum_steps, res.resumed_from_epoch) == (4, 2, 1)
+    assert res.history[-1]["lr"] == pytest.approx(cfg.lr_min)  # same optimizer steps
+
+
+# ---- the pipeline stages: fold reuse, checkpoints in storage, final model choice -------------
+
+@pytest.fixture
+def indexed(local_storage, cache_dir):
+    """Three digit classes synced and indexed into 2 folds; returns (storage, cache, snapshot)."""
+    from darkroom import pipeline
+
+    write_digits(local_storage, classes=("0", "1", "7"), per_class=14)
+    pipeline.sync_labeled(local_storage.uri, str(cache_dir))
+    pointer = pipeline.rebuild_index(local_storage.uri, str(cache_dir), folds=2, seed=0,
+                                     holdout_fraction=0.1)
+    return local_storage, str(cache_dir), pointer["snapshot"]
+
+
+def _train_folds(indexed, cfg, version="v1"):
+    from darkroom import pipeline
+
+    storage, cache, snapshot = indexed
+    return [pipeline.train_fold(storage.uri, cache, snapshot, k, version, cfg, "cpu")
+            for k in range(cfg.folds)]
+
+
+def test_a_finished_fold_is_not_trained_again(indexed, monkeypatch):
+    import darkroom.pipeline as pl
+
+    first = _train_folds(indexed, TINY)
+    storage = indexed[0]
+    assert storage.exists("models/v1/folds/0/checkpoint.pt")
+    monkeypatch.setattr(pl, "fit", lambda *a, **kw: pytest.fail("a finished fold was retrained"))
+    again = _train_folds(indexed, TINY)
+    assert all(s["reused"] for s in again)
+    assert [s["sha256"] for s in again] == [s["sha256"] for s in first]
+
+
+def test_an_unfinished_fold_resumes_from_its_storage_checkpoint(indexed):
+    from darkroom import pipeline
+
+    storage, cache, snapshot = indexed
+    cfg = TINY.model_copy(update={"epochs": 3})
+
+    def crash(row):
+        if row["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        pipeline.train_fold(storage.uri, cache, snapshot, 0, "v1", cfg, "cpu", on_epoch=crash)
+    assert not storage.exists("models/v1/folds/0/fold.json")
+    summary = pipeline.train_fold(storage.uri, cache, snapshot, 0, "v1", cfg, "cpu")
+    assert summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 3
+
+
+def test_non_finite_loss_fails_the_fold_and_writes_no_fold_json(indexed):
+    from darkroom import pipeline
+
+    storage, cache, snapshot = indexed
+    cfg = TINY.model_copy(update={"lr": 1e30, "lr_min": 1e29, "epochs": 3, "batch_size": 4})
+    with pytest.raises(NonFiniteLoss):
+        pipeline.train_fold(storage.uri, cache, snapshot, 0, "v1", cfg, "cpu")
+    assert not storage.exists("models/v1/folds/0/fold.json")
+    assert not storage.exists("models/v1/folds/0/model.safetensors")
+
+
+@pytest.mark.slow
+def test_final_model_best_fold_ensemble_and_refit(indexed):
+    import json
+
+    from darkroom import pipeline
+    from darkroom.registry import read_json
+
+    storage, cache, snapshot = indexed
+    cfg = TINY.model_copy(update={"epochs": 2})
+    summaries = _train_folds(indexed, cfg)
+    files = lambda v: storage.read_bytes(f"models/v1/{v}")  # noqa: E731
+
+    best = pipeline.finalize_candidate(storage.uri, "v1", snapshot, summaries, cfg)
+    assert best["final_model"] == "best_fold" and "ensemble" not in best
+    assert best["sha256"] == sha256(files(f"folds/{best['chosen_fold']}/model.safetensors"))
+    for name in ("curves.png", "confusion.png", "per_class.png", "mistakes.png"):
+        assert files(name)[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = read_json(storage, "models/v1/oof_metrics.json")
+    assert set(report["oof"]["per_class_train_images"]) == {"0", "1", "7"}
+    assert "mean" in report["cv"]["accuracy"]
+
+    ens = pipeline.finalize_candidate(storage.uri, "v1", snapshot, summaries,
+                                      cfg.model_copy(update={"final_model": "ensemble"}))
+    assert [m["key"] for m in ens["ensemble"]] == ["folds/0/model.safetensors",
+                                                   "folds/1/model.safetensors"]
+    assert all(m["sha256"] == sha256(files(m["key"])) for m in ens["ensemble"])
+    assert ens["sha256"] == best["sha256"]  # old readers get the best fold
+    for k in ("classes", "image_size", "mean", "std", "train_config", "backbone"):
+        assert k in json.loads(storage.read_text("models/v1/model.json")), k
+
+    refit_cfg = cfg.model_copy(update={"final_model": "refit"})
+    r = pipeline.train_fold(storage.uri, cache, snapshot, cfg.folds, "v1", refit_cfg, "cpu")
+    assert r["refit"] and r["val_images"] == 0
+    assert r["epochs_run"] == max(1, round(np.mean([s["best_epoch"] + 1 for s in summaries])))
+    meta = pipeline.finalize_candidate(storage.uri, "v1", snapshot, summaries, refit_cfg)
+    assert meta["sha256"] == r["sha256"] == sha256(files("refit/model.safetensors"))
+
+
+def test_find_lr_writes_plot_and_suggestion(indexed):
+    from darkroom import pipeline
+
+    storage, cache, _ = indexed
+    out = pipeline.find_lr(storage.uri, cache, TINY.model_copy(update={"batch_size": 8}),
+                           "cpu", steps=30)
+    assert 0 < len(out["lrs"]) <= 30 and out["lrs"] == sorted(out["lrs"])
+    assert out["suggested_lr"] and out["lrs"][0] <= out["suggested_lr"] <= out["lrs"][-1]
+    key = out["plot"].split("/bucket/", 1)[1]
+    assert storage.read_bytes(key)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():
+    from darkroom.lr_finder import suggest
+
+    lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    losses = [2.3, 2.2, 1.2, 0.9, 0.8, 5.0]  # steepest drop around 1e-3
+    assert suggest(lrs, losses) == {"suggested_lr": 1e-3, "min_loss_lr": 1e-1}
+    assert suggest(lrs[:2], losses[:2])["suggested_lr"] is None
