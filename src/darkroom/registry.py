@@ -98,6 +98,30 @@ def decide(challenger: dict, champion: dict | None, metric: str, min_delta: floa
             "per_class_recall": per_class, "recall_drops": drops}
 
 
+def verify(storage: Storage, version: str) -> None:
+    """Checks every weights file of ``version`` against the sha256 in its model.json.
+
+    Raises:
+        FileNotFoundError: the version or a weights file is missing.
+        ValueError: a weights file does not match its recorded hash.
+    """
+    import hashlib
+
+    if not storage.exists(version_key(version, "model.safetensors")):
+        raise FileNotFoundError(f"{storage.url(version_key(version))} has no model.safetensors")
+    meta = read_json(storage, version_key(version, "model.json"))
+    if meta is None:
+        return  # a bare weights file (older layout): nothing recorded to check against
+    files = [("model.safetensors", meta.get("sha256"))]
+    files += [(m["key"], m["sha256"]) for m in meta.get("ensemble") or []]
+    for name, expected in files:
+        data = storage.read_bytes(version_key(version, name))
+        if expected and hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{storage.url(version_key(version, name))} does not match the "
+                             "sha256 recorded in model.json: it was changed or truncated; "
+                             "restore it or retrain")
+
+
 def promote(storage: Storage, version: str, *, expected_etag: str | None, action: str,
             reason: str, metrics: dict | None = None, previous: str | None = None) -> dict:
     """Points the champion at ``version`` in one conditional write, then logs the record.
@@ -105,8 +129,7 @@ def promote(storage: Storage, version: str, *, expected_etag: str | None, action
     Raises:
         PromotionLost: the pointer changed since ``expected_etag`` was read.
     """
-    if not storage.exists(version_key(version, "model.safetensors")):
-        raise FileNotFoundError(f"{storage.url(version_key(version))} has no model.safetensors")
+    verify(storage, version)
     now = datetime.now(UTC)
     record = {"version": version, "action": action, "at": now.isoformat(), "reason": reason,
               "previous": previous, "metrics": metrics or {}}
