@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo ui test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 ## Run the whole job on the embedded default: digits -> retrain -> score (local folder storage)
 demo: $(STAMP)
 	$(BIN)/darkroom demo --storage file://./data/bucket --cache-dir ./data/cache
+
+## Serve the three deployments with the Prefect UI on http://127.0.0.1:4200 (starts a local
+## server with SQLite when none runs there; Ctrl-C stops what it started)
+ui: $(STAMP)
+	$(BIN)/darkroom serve --demo --storage file://./data/bucket --cache-dir ./data/cache
 
 ## Run every test (unit, S3 on a local moto server, Prefect flows, end to end)
 test: $(STAMP)

@@ -14,13 +14,14 @@ from darkroom import registry
 from darkroom.config import RetrainConfig, cache_dir_for
 from darkroom.evaluation import record_candidate
 from darkroom.storage import open_storage
+from tasks.common import run_name, visible_gpus
 from tasks.ingest import rebuild_index, sync_labeled
 from tasks.training import evaluate_holdout, finalize_candidate, train_fold
 
 METRICS_SHOWN = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss")
 
 
-@flow(name="nightly-retrain", log_prints=True)
+@flow(name="nightly-retrain", flow_run_name=run_name("retrain"), log_prints=True)
 def nightly_retrain(config: RetrainConfig | None = None) -> dict:
     """Retrains on the current labeled data and promotes the result only if it beats the
     champion on the same holdout."""
@@ -44,8 +45,14 @@ def nightly_retrain(config: RetrainConfig | None = None) -> dict:
     if config.force:
         version = f"{version}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
 
-    summaries = [train_fold(storage.uri, cache, snapshot, k, version, cfg, config.device,
-                            config.num_workers) for k in range(cfg.folds)]
+    fold_args = (version, cfg, config.device, config.num_workers)
+    if visible_gpus(config.device) > 1:  # one fold per GPU at a time: the darkroom-gpu limit
+        futures = [train_fold.submit(storage.uri, cache, snapshot, k, *fold_args)
+                   for k in range(cfg.folds)]
+        summaries = [f.result() for f in futures]
+    else:
+        summaries = [train_fold(storage.uri, cache, snapshot, k, *fold_args)
+                     for k in range(cfg.folds)]
     finalize_candidate(storage.uri, version, snapshot, summaries, cfg)
     holdout = evaluate_holdout(storage.uri, cache, snapshot, version, config.device)
     champion_holdout = None

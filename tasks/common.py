@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
 from prefect import get_run_logger
 
 from darkroom.index import DatasetError
@@ -21,8 +28,55 @@ def retry_unless_permanent(task, task_run, state) -> bool:
     return True
 
 
+def interactive() -> bool:
+    """True on a terminal outside CI: show progress bars; else plain log lines."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    return sys.stderr.isatty()
+
+
+class ProgressBar:
+    """A terminal progress bar (tqdm: count, rate, ETA) fed with (done, total); it closes
+    itself when done reaches total."""
+
+    def __init__(self, what: str, unit: str = "img", position: int | None = None):
+        self.what, self.unit, self.position = what, unit, position
+        self.bar = None
+
+    def __call__(self, done: int, total: int, **postfix) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.what, unit=self.unit, position=self.position,
+                            dynamic_ncols=True, leave=True, file=sys.stderr)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(what: str, unit: str = "img", position: int | None = None) -> ProgressBar | None:
+    """A ProgressBar when attached to a terminal (and tqdm is there), else None."""
+    if not interactive():
+        return None
+    try:
+        import tqdm  # noqa: F401  (comes with timm's huggingface_hub)
+    except ImportError:
+        return None
+    return ProgressBar(what, unit, position)
+
+
 def log_progress(what: str, every: int = 10):
-    """A progress callback (done, total) that logs every ``every`` percent."""
+    """A progress callback (done, total): a bar with rate and ETA on a terminal, else a log
+    line every ``every`` percent (CI, workers, anything not a TTY)."""
+    bar = progress_bar(what)
+    if bar is not None:
+        return bar
     logger = get_run_logger()
     last = [-1]
 
@@ -33,3 +87,125 @@ def log_progress(what: str, every: int = 10):
             logger.info("%s: %d/%d (%d%%)", what, done, total, pct)
 
     return cb
+
+
+def run_name(kind: str) -> Callable[[], str]:
+    """A ``flow_run_name`` callable: ``<kind>-<what>-<UTC time>``, e.g.
+    ``retrain-resnet18-5folds-6ep-20261123T020000Z`` or ``score-20261123T020000Z``. Names are
+    safe as storage keys (the retrain flow names its quarantine report after its run)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters or {}
+        parts = [kind]
+        config = params.get("config")
+        train = _field(config, "train")
+        if kind == "retrain":
+            from darkroom.config import TrainConfig
+
+            t = TrainConfig.model_validate(train or {}) if not isinstance(train, TrainConfig) \
+                else train
+            parts += [t.backbone.replace("/", "_").replace(".", "_"), f"{t.folds}folds",
+                      f"{t.epochs}ep"]
+        if params.get("rescore") or _field(config, "rescore"):
+            parts.append("rescore")
+        return "-".join([*parts, f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"])
+
+    return name
+
+
+def _field(obj, name: str):
+    if obj is None:
+        return None
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+# ---- GPU slots: no more folds train at once than there are GPUs ------------------------------
+
+GPU_LIMIT = "darkroom-gpu"  # the Prefect global concurrency limit: one slot per GPU
+
+
+def visible_gpus(device: str = "auto") -> int:
+    """How many GPUs a fold may be spread over: the visible CUDA devices when ``device`` is
+    ``auto`` or ``cuda`` (an explicit ``cuda:1`` or ``cpu`` pins every fold: 0)."""
+    if device not in ("auto", "cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def ensure_gpu_limit(slots: int, name: str = GPU_LIMIT) -> bool:
+    """Creates the global concurrency limit ``name`` with ``slots`` slots if it is missing.
+    An existing limit is left as the operator set it (a cluster's total, say). Returns True
+    when it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=max(1, slots)))
+        except ObjectAlreadyExists:
+            return False  # another process won the race
+        return True
+
+
+@contextmanager
+def gpu_slot(device: str = "auto", poll_seconds: float = 0.5) -> Iterator[str]:
+    """The device one fold trains on. With GPUs (``auto``/``cuda``): holds a slot of the
+    ``darkroom-gpu`` global limit, then the lock of a GPU no other fold on this machine holds,
+    and yields ``cuda:<i>``. Otherwise yields ``device`` unchanged."""
+    n = visible_gpus(device)
+    if n == 0:
+        yield device
+        return
+    from prefect.concurrency.sync import concurrency
+
+    ensure_gpu_limit(n)
+    with concurrency(GPU_LIMIT, occupy=1, strict=True), _claim_gpu(n, poll_seconds) as i:
+        yield f"cuda:{i}"
+
+
+@contextmanager
+def _claim_gpu(n: int, poll_seconds: float) -> Iterator[int]:
+    """An exclusive lock file per GPU (by its UUID when torch knows it), so folds of any run on
+    this machine never share a GPU; waits while all are taken."""
+    import fcntl
+    import tempfile
+    import time
+
+    folder = Path(tempfile.gettempdir()) / "darkroom-gpu-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [_gpu_name(i) for i in range(n)]
+    while True:
+        for i, name in enumerate(names):
+            f = open(folder / f"{name}.lock", "w")  # noqa: SIM115  (held while training)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            try:
+                yield i
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            return
+        time.sleep(poll_seconds)
+
+
+def _gpu_name(i: int) -> str:
+    try:
+        import torch
+
+        return f"gpu-{torch.cuda.get_device_properties(i).uuid}"
+    except Exception:  # no CUDA here (tests), or an old torch without uuid
+        return f"gpu-{i}"

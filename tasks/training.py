@@ -3,27 +3,74 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from darkroom import evaluation, pipeline
 from darkroom.config import TrainConfig
-from tasks.common import retry_unless_permanent
+from darkroom.model import resolve_device
+from tasks.common import gpu_slot, progress_bar, retry_unless_permanent
 
 
 @task(task_run_name="train-fold-{fold}", retries=2, retry_delay_seconds=30,
       retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def train_fold(storage_uri: str, cache_dir: str, snapshot: str, fold: int, version: str,
                cfg: TrainConfig, device: str = "auto", num_workers: int = 0) -> dict:
-    logger = get_run_logger()
+    """One fold. With several GPUs each fold holds one slot of the ``darkroom-gpu`` global
+    concurrency limit and trains on its own GPU (see tasks.common.gpu_slot)."""
+    with gpu_slot(device) as dev:
+        on_epoch = EpochProgress(fold, cfg.folds, cfg.epochs, str(resolve_device(dev)))
+        try:
+            return pipeline.train_fold(storage_uri, cache_dir, snapshot, fold, version, cfg, dev,
+                                       num_workers, on_epoch=on_epoch)
+        finally:
+            on_epoch.close()
 
-    def on_epoch(row: dict) -> None:
-        logger.info("fold %d/%d epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f "
-                    "f1 %.4f (%.1fs)", fold + 1, cfg.folds, row["epoch"] + 1, cfg.epochs,
-                    row["train_loss"], row["train_accuracy"], row["val_loss"],
-                    row["val_accuracy"], row["val_f1_macro"], row["seconds"])
 
-    return pipeline.train_fold(storage_uri, cache_dir, snapshot, fold, version, cfg, device,
-                               num_workers, on_epoch=on_epoch)
+class EpochProgress:
+    """The ``on_epoch`` callback of a fold: a Prefect progress artifact updated each epoch
+    (fold k of K, epoch e of E, current metrics), plus a terminal bar or a log line."""
+
+    def __init__(self, fold: int, folds: int, epochs: int, device: str):
+        self.fold, self.folds, self.epochs, self.device = fold, folds, epochs, device
+        self.logger = get_run_logger()
+        self.bar = progress_bar(f"fold {fold + 1}/{folds}", unit="epoch", position=fold)
+        self.artifact = None
+
+    def __call__(self, row: dict) -> None:
+        e = row["epoch"] + 1
+        if self.bar is not None:
+            self.bar(e, self.epochs, loss=f"{row['train_loss']:.4f}",
+                     val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}")
+        else:
+            self.logger.info(
+                "fold %d/%d epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f "
+                "f1 %.4f (%.1fs)", self.fold + 1, self.folds, e, self.epochs, row["train_loss"],
+                row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_f1_macro"],
+                row["seconds"])
+        self._artifact(row)
+
+    def _artifact(self, row: dict) -> None:
+        e = row["epoch"] + 1
+        pct = 100.0 * e / self.epochs
+        which = (f"fold {self.fold + 1} of {self.folds}" if self.fold < self.folds
+                 else "refit on every train row")
+        text = (f"train-fold-{self.fold}: {which}, epoch {e} of "
+                f"{self.epochs} on {self.device} | val accuracy {row['val_accuracy']:.4f}, "
+                f"val F1 {row['val_f1_macro']:.4f}, val loss {row['val_loss']:.4f}, "
+                f"train loss {row['train_loss']:.4f}, train accuracy "
+                f"{row['train_accuracy']:.4f}, lr {row['lr']:.2e}, {row['seconds']:.1f}s/epoch")
+        try:  # the artifact is for people: it must never fail a fold
+            if self.artifact is None:
+                self.artifact = create_progress_artifact(pct, description=text)
+            else:
+                update_progress_artifact(self.artifact, pct, description=text)
+        except Exception as exc:
+            self.logger.warning("could not update the progress artifact: %s", exc)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @task(name="finalize-candidate", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)

@@ -141,6 +141,27 @@ def cmd_status(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    """Imported lazily like the flows: the core never imports prefect."""
+    return _flows("serve").serve(port=a.port, storage=a.storage, cache_dir=a.cache_dir,
+                                 timezone=a.timezone, watch_every=a.watch_every, demo=a.demo)
+
+
+def cmd_find_lr(a) -> int:
+    """The lr range test on the train rows of the current index (run a retrain first)."""
+    from darkroom.config import cache_dir_for
+    from darkroom.pipeline import find_lr
+
+    rt = RetrainConfig(storage=a.storage, cache_dir=a.cache_dir)
+    out = find_lr(rt.storage, str(cache_dir_for(rt)), train_config(a), a.device, a.num_workers,
+                  steps=a.steps)
+    lr = out["suggested_lr"]
+    print(f"suggested lr: {lr:.2e} (loss lowest at {out['min_loss_lr']:.2e})" if lr else
+          "no suggestion: the test stopped too early (try a smaller --batch-size)")
+    print(f"plot: {out['plot']}\nresult: {out['json']}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     """Demo data if absent, retrain, score, then a report of what was produced."""
     from darkroom.demo import DEMO_TRAIN, has_demo_data, truth_accuracy, write_demo_data
@@ -205,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.add_argument("--epochs", type=int, help="override the demo's epochs")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("serve", help="serve the deployments with the Prefect UI (make ui)")
+    p.add_argument("--storage", default=default_storage_uri(),
+                   help="storage root of the served flows (default: $DARKROOM_STORAGE or "
+                        "file://./data/bucket)")
+    p.add_argument("--cache-dir", help="base folder of the flows' local caches")
+    p.add_argument("--port", type=int, default=4200,
+                   help="port of the local Prefect server (127.0.0.1) started when none runs "
+                        "there; ignored when PREFECT_API_URL names a server")
+    p.add_argument("--timezone", help="timezone of the schedules (default: prefect.yaml's)")
+    p.add_argument("--watch-every", type=float,
+                   help="seconds between watch-incoming runs (default: prefect.yaml's)")
+    p.add_argument("--demo", action="store_true",
+                   help="train nightly-retrain with the demo's config (minutes on a CPU)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,38 @@
+"""Watch incoming/: announce new images with one darkroom.images.arrived event per tick.
+
+Deployed on a short interval (deployments/prefect.yaml); score-new-images is triggered by the
+event. Runs as a plain script too: `python flows/watch.py`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
+
+from darkroom.storage import open_storage
+from darkroom.watch import WatchConfig, check_incoming
+from tasks.common import run_name
+
+
+@flow(name="watch-incoming", flow_run_name=run_name("watch"), log_prints=True)
+def watch_incoming(config: WatchConfig | None = None) -> dict:
+    """Lists incoming/ and emits darkroom.images.arrived with the count of new images, only
+    when there are new ones."""
+    config = config or WatchConfig()
+    storage = open_storage(config.storage)
+    result = check_incoming(storage, emit_event)
+    logger = get_run_logger()
+    if result["emitted"]:
+        logger.info("%d new images under %s/incoming/: emitted darkroom.images.arrived",
+                    result["new"], storage.uri)
+    elif result["new"] and result["champion"] is None:
+        logger.info("%d images waiting under incoming/, but no champion to score them yet",
+                    result["new"])
+    else:
+        logger.info("no new images (%d incoming, %d already scored, %d already announced)",
+                    result["incoming"], result["scored"], result["announced"])
+    return result
+
+
+if __name__ == "__main__":
+    print(watch_incoming())
