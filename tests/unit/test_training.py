@@ -453,3 +453,16 @@ def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():
     losses = [2.3, 2.2, 1.2, 0.9, 0.8, 5.0]  # steepest drop around 1e-3
     assert suggest(lrs, losses) == {"suggested_lr": 1e-3, "min_loss_lr": 1e-1}
     assert suggest(lrs[:2], losses[:2])["suggested_lr"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_benchmark_exits_cleanly_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "no CUDA GPU" in done.stdout
+    assert list(tmp_path.iterdir()) == []
