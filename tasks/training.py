@@ -82,5 +82,6 @@ def finalize_candidate(storage_uri: str, version: str, snapshot: str, fold_summa
 @task(task_run_name="evaluate-holdout-{version}", retries=2, retry_delay_seconds=10,
       retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
 def evaluate_holdout(storage_uri: str, cache_dir: str, snapshot: str, version: str,
-                     device: str = "auto") -> dict:
-    return evaluation.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device)
+                     device: str = "auto", tta: bool = False) -> dict:
+    return evaluation.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device,
+                                       tta=tta)

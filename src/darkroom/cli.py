@@ -52,11 +52,40 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-min", type=float, default=d.lr_min)
     p.add_argument("--augment", choices=["soft", "no-flip", "none"], default=d.augment)
-    p.add_argument("--metric", choices=["accuracy", "f1_macro"], default=d.metric)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--pretrained", action="store_true", help="start from pretrained weights")
-    p.add_argument("--pretrained-file", help="local backbone weights to start from")
+    p.add_argument("--pretrained-file",
+                   help="backbone weights to start from: a local path or a storage URI")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=d.optimizer)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--freeze-backbone-epochs", type=int, default=d.freeze_backbone_epochs,
+                   help="train only the new head for this many epochs first")
+    p.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience,
+                   help="epochs without a lower validation loss before stopping (0: never)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--class-weights", choices=["none", "balanced"], default=d.class_weights)
+    p.add_argument("--mixup-prob", type=float, default=d.mixup_prob)
+    p.add_argument("--cutmix-prob", type=float, default=d.cutmix_prob)
+    p.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps)
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "off"],
+                   default=d.mixed_precision, help="CUDA only")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on CUDA")
+    p.add_argument("--final-model", choices=["best_fold", "ensemble", "refit"],
+                   default=d.final_model)
     p.add_argument("--force", action="store_true", help="train even if nothing changed")
+
+
+def _gate_args(p: argparse.ArgumentParser) -> None:
+    d = RetrainConfig()
+    p.add_argument("--metric", choices=["accuracy", "f1_macro"], default=TrainConfig().metric,
+                   help="the gate's primary metric")
+    p.add_argument("--min-delta", type=float, default=d.min_delta,
+                   help="promote only if the metric improves by at least this")
+    p.add_argument("--max-class-recall-drop", type=float, default=d.max_class_recall_drop,
+                   help="reject if any class's recall falls by more than this")
+    p.add_argument("--tta", action="store_true", help="evaluate with test-time augmentation")
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:
@@ -64,23 +93,40 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-batch-size", type=int, default=d.batch_size)
     p.add_argument("--chunk-size", type=int, default=d.chunk_size)
     p.add_argument("--topk", type=int, default=d.topk)
-    p.add_argument("--rescore", action="store_true", help="score every image again")
+    p.add_argument("--rescore", action="store_true",
+                   help="score every image the champion has not scored (not only new ones)")
+    p.add_argument("--tta", action="store_true", help="average the image and its h-flip")
+    p.add_argument("--low-confidence", type=float, default=d.low_confidence,
+                   help="flag rows whose top probability is below this")
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        backbone=a.backbone, image_size=a.image_size, folds=a.folds, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, lr_min=a.lr_min, augment=a.augment,
+        metric=getattr(a, "metric", TrainConfig().metric), seed=a.seed,
+        pretrained=a.pretrained or bool(a.pretrained_file), pretrained_file=a.pretrained_file,
+        optimizer=a.optimizer, weight_decay=a.weight_decay,
+        freeze_backbone_epochs=a.freeze_backbone_epochs,
+        early_stopping_patience=a.early_stopping_patience, label_smoothing=a.label_smoothing,
+        class_weights=a.class_weights, mixup_prob=a.mixup_prob, cutmix_prob=a.cutmix_prob,
+        grad_accum_steps=a.grad_accum_steps, mixed_precision=a.mixed_precision,
+        channels_last=a.channels_last, compile=a.compile, final_model=a.final_model)
 
 
 def retrain_config(a: argparse.Namespace) -> RetrainConfig:
-    train = TrainConfig(backbone=a.backbone, image_size=a.image_size, folds=a.folds,
-                        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, lr_min=a.lr_min,
-                        augment=a.augment, metric=a.metric, seed=a.seed,
-                        pretrained=a.pretrained or bool(a.pretrained_file),
-                        pretrained_file=a.pretrained_file)
+    train = train_config(a)
     return RetrainConfig(storage=a.storage, cache_dir=a.cache_dir, device=a.device,
-                         num_workers=a.num_workers, train=train, force=a.force)
+                         num_workers=a.num_workers, train=train, force=a.force,
+                         min_delta=a.min_delta, max_class_recall_drop=a.max_class_recall_drop,
+                         tta=a.tta)
 
 
 def score_config(a: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(storage=a.storage, cache_dir=a.cache_dir, device=a.device,
                        num_workers=a.num_workers, batch_size=a.score_batch_size,
-                       chunk_size=a.chunk_size, topk=a.topk)
+                       chunk_size=a.chunk_size, topk=a.topk, tta=a.tta,
+                       low_confidence=a.low_confidence)
 
 
 def cmd_demo_data(a) -> int:
@@ -138,6 +184,56 @@ def cmd_status(a) -> int:
         print(f"last promotion record: {last['action']} {last['version']} at {last['at']} "
               f"(previous: {last.get('previous')})")
     print(f"files: {storage.url(registry.version_key(v))}")
+    return 0
+
+
+def cmd_promote(a) -> int:
+    """Promotes a given version: through the gate on the current holdout unless --force."""
+    from darkroom.config import cache_dir_for
+    from darkroom.evaluation import gate
+    from darkroom.scoring import load_version
+
+    storage = open_storage(a.storage)
+    champion, etag = registry.read_champion(storage)
+    if champion and champion["version"] == a.version:
+        print(f"{a.version} is already the champion")
+        return 0
+    load_version(storage, a.version, a.device)  # refuses a missing or tampered model
+    if a.force:
+        reason, metrics = "manual promotion (--force, gate skipped)", \
+            registry.champion_metrics(storage, a.version)
+    else:
+        rc = RetrainConfig(storage=storage.uri, cache_dir=a.cache_dir)
+        d = gate(storage.uri, str(cache_dir_for(rc)), a.version, metric=a.metric,
+                 min_delta=a.min_delta, max_class_recall_drop=a.max_class_recall_drop,
+                 device=a.device, tta=a.tta)
+        print(d["rule"])
+        if not d["promote"]:
+            print(f"{a.version} not promoted (use --force to promote anyway)")
+            return 1
+        reason = f"manual promotion through the gate: {d['rule']}"
+        metrics = {k: d["challenger_holdout"][k] for k in ("accuracy", "f1_macro")}
+    rec = registry.promote(storage, a.version, expected_etag=etag, action="manual-promote",
+                           reason=reason, previous=champion and champion["version"],
+                           metrics=metrics)
+    print(f"champion is now {rec['version']} (was {rec['previous']})")
+    return 0
+
+
+def cmd_rollback(a) -> int:
+    rec = registry.rollback(open_storage(a.storage))
+    print(f"rolled back: champion is now {rec['version']} (was {rec['previous']})")
+    return 0
+
+
+def cmd_history(a) -> int:
+    records = registry.history(open_storage(a.storage))
+    if not records:
+        print("no promotions yet")
+    for r in records:
+        m = " ".join(f"{k}={v:.4f}" for k, v in (r.get("metrics") or {}).items())
+        print(f"{r['at']}  {r['action']:<14} {r['version']:<40} previous={r.get('previous')} "
+              f"{m}\n    {r['reason']}")
     return 0
 
 
@@ -214,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help="sync, index, K-fold train, promote if better")
     _runtime_args(p)
     _train_args(p)
+    _gate_args(p)
     p.set_defaults(func=cmd_retrain)
     p = sub.add_parser("score", help="score incoming images with the champion")
     _runtime_args(p)
@@ -222,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the champion, its metrics and the last promotion")
     _runtime_args(p)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("promote", help="make VERSION the champion (through the gate)")
+    _runtime_args(p)
+    p.add_argument("version")
+    p.add_argument("--force", action="store_true", help="skip the gate")
+    _gate_args(p)
+    p.set_defaults(func=cmd_promote)
+    p = sub.add_parser("rollback", help="return to the previous champion")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("history", help="every promotion and rollback, oldest first")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_history)
+    p = sub.add_parser("find-lr", help="learning-rate range test on the current index")
+    _runtime_args(p)
+    _train_args(p)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps at most")
+    p.set_defaults(func=cmd_find_lr)
     p = sub.add_parser("demo", help="demo data, retrain, score and a report (make demo)")
     _runtime_args(p)
     p.add_argument("--epochs", type=int, help="override the demo's epochs")
@@ -254,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetError, StorageError, FileNotFoundError) as e:
+    # ValueError covers bad config values and weights that fail their sha256 check.
+    except (DatasetError, StorageError, FileNotFoundError, registry.RegistryError,
+            ValueError) as e:
         print(f"darkroom: error: {e}", file=sys.stderr)
         return 2
 

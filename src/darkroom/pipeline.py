@@ -102,7 +102,8 @@ def train_fold(storage_uri: str, cache_dir: str, snapshot: str, fold: int, versi
                cfg: TrainConfig, device: str = "auto", num_workers: int = 0,
                on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Trains fold ``fold`` of ``snapshot``; writes ``models/<version>/folds/<fold>/``
-    (model.safetensors, oof.parquet, checkpoint.pt, and fold.json last). Returns a small
+    (model.safetensors, oof.parquet, and fold.json last; the per-epoch checkpoint.pt lives
+    only until fold.json exists). Returns a small
     summary, never the model.
 
     The version encodes snapshot, config and code version, so a fold whose fold.json exists
@@ -156,6 +157,8 @@ def train_fold(storage_uri: str, cache_dir: str, snapshot: str, fold: int, versi
         _write_oof(storage, prefix, val_rows, fold, result.val_probs)
     registry.write_json(storage, prefix + "fold.json",
                         {**summary, "history": result.history, "full_metrics": full})
+    # fold.json marks the fold done; its resume state (weights + optimizer) is dead weight now.
+    storage.delete(prefix + "checkpoint.pt")
     return summary
 
 

@@ -88,6 +88,14 @@ class Storage:
         _check_writable(key)
         return self._put(key, data, if_match, if_none_match)
 
+    def delete(self, key: str) -> None:
+        """Removes one of darkroom's own objects (never a user's source); absent is fine."""
+        _check_writable(key)
+        self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        raise NotImplementedError
+
     def put_source_object(self, key: str, data: bytes) -> str:
         """Adds a user image under labeled/ or incoming/: for the demo data and tests only.
         Never overwrites: an existing object is left as it is."""
@@ -230,6 +238,9 @@ class LocalStorage(Storage):
     def download(self, key: str, dest: Path) -> None:
         atomic_write_file(dest, self.read_bytes(key))
 
+    def _delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
@@ -320,6 +331,9 @@ class S3Storage(Storage):
                 raise PreconditionFailed(f"{self.url(key)} no longer exists") from e
             raise
         return resp["ETag"].strip('"')
+
+    def _delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def download(self, key: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)

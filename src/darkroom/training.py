@@ -379,6 +379,8 @@ def _fit(train_paths, train_labels, val_paths, val_labels, num_classes, cfg, dev
                                    batch, accum))
         if on_epoch:
             on_epoch(row)
+    for loader in (train_loader, val_loader):
+        _stop_workers(loader)
     if best.state is not None:
         model.load_state_dict(best.state)
     if opts.channels_last:  # callers save and serve the model in the default layout
@@ -387,6 +389,15 @@ def _fit(train_paths, train_labels, val_paths, val_labels, num_classes, cfg, dev
     return FoldResult(model=model, best_epoch=best.epoch, history=history, val_probs=probs,
                       mean=mean, std=std, resumed_from_epoch=start, batch_size=batch,
                       grad_accum_steps=accum, stopped_early=stopped_early)
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """Persistent workers would otherwise live until garbage collection, holding memory and
+    open files after the fold is done."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def _run_epoch(runner, model, epoch, cfg, train_loader, val_loader, optimizer, scheduler,

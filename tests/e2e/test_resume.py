@@ -87,6 +87,7 @@ def test_killed_run_resumes_and_an_unchanged_rerun_trains_nothing(local_storage,
     record = json.loads(local_storage.read_text(key + "1/fold.json"))
     assert record["resumed_from_epoch"] == saved["epoch"] + 1 >= 1
     assert [h["epoch"] for h in record["history"]] == list(range(12))
+    assert not list(local_storage.list(key + "1/checkpoint"))  # dropped once the fold is done
 
     again = _run(_retrain(local_storage, tmp_path), tmp_path)
     assert again["skipped"] and again["version"] == version

@@ -361,7 +361,8 @@ def test_a_finished_fold_is_not_trained_again(indexed, monkeypatch):
 
     first = _train_folds(indexed, TINY)
     storage = indexed[0]
-    assert storage.exists("models/v1/folds/0/checkpoint.pt")
+    assert storage.exists("models/v1/folds/0/fold.json")
+    assert not storage.exists("models/v1/folds/0/checkpoint.pt")  # done: resume state dropped
     monkeypatch.setattr(pl, "fit", lambda *a, **kw: pytest.fail("a finished fold was retrained"))
     again = _train_folds(indexed, TINY)
     assert all(s["reused"] for s in again)
