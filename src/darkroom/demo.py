@@ -19,7 +19,7 @@ TRUTH = "demo/incoming_truth.csv"
 
 # Digits from scratch (no weights can be downloaded here) want a higher lr than the tutorials'
 # 1e-4 fine-tuning rate, and must not be mirrored.
-DEMO_TRAIN = TrainConfig(backbone="resnet18", image_size=32, batch_size=64, epochs=6, lr=2e-3,
+DEMO_TRAIN = TrainConfig(backbone="resnet18", image_size=32, batch_size=64, epochs=8, lr=2e-3,
                          lr_min=1e-5, folds=5, augment="none")
 
 

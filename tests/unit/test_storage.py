@@ -304,3 +304,11 @@ def test_coarse_clock_unconditional_rewrite_changes_etag(local_storage, coarse_c
     etags = [local_storage.write_bytes("index/latest.json", f"{i}".encode()) for i in range(3)]
     assert len(set(etags)) == len(etags)
     assert local_storage.etag("index/latest.json") == etags[-1]
+
+
+def test_published_files_follow_the_umask_not_mkstemp_0600(local_storage):
+    old = os.umask(0o022)
+    os.umask(old)
+    local_storage.write_text("models/champion.json", "{}")
+    mode = (local_storage.root / "models" / "champion.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~old
