@@ -173,12 +173,23 @@ def test_credentials_agree_across_services(services):
     assert len(interpolated(minio["MINIO_ROOT_PASSWORD"])["default"] or "") >= 8
 
 
-def test_gpu_override_reserves_nvidia_for_worker_only(services):
+def test_gpu_override_reserves_nvidia_for_the_gpu_worker_only(services):
     override = load_yaml(COMPOSE_GPU)["services"]
-    assert set(override) == {"worker"} and set(override) <= set(services)
-    devices = override["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert set(override) == {"gpu-worker"} and set(override) <= set(services)
+    devices = override["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert "deploy" not in services["worker"], "GPU must stay opt-in for hosts without one"
+    for name in ("worker", "gpu-worker"):
+        assert "deploy" not in services[name], "GPU must stay opt-in for hosts without one"
+
+
+def test_a_worker_polls_every_pool_the_deployments_use(services):
+    import yaml
+
+    deployments = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    pools = {d["work_pool"]["name"] for d in deployments["deployments"]}
+    polled = {s["command"][s["command"].index("--pool") + 1] for s in services.values()
+              if "worker" in s.get("command", [])}
+    assert pools <= polled
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
