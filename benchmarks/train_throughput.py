@@ -58,30 +58,58 @@ def main(argv: list[str] | None = None) -> int:
     from darkroom.training import amp_dtype, fit
 
     device = torch.device("cuda")
-    cfg = TrainConfig(backbone=a.backbone, image_size=a.image_size, batch_size=a.batch_size,
-                      epochs=a.epochs, lr=1e-3, lr_min=1e-5, augment="soft", folds=5,
-                      mixed_precision="auto", channels_last=True, compile=a.compile)
+    cfg = TrainConfig(
+        backbone=a.backbone,
+        image_size=a.image_size,
+        batch_size=a.batch_size,
+        epochs=a.epochs,
+        lr=1e-3,
+        lr_min=1e-5,
+        augment="soft",
+        folds=5,
+        mixed_precision="auto",
+        channels_last=True,
+        compile=a.compile,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         paths, labels = write_images(Path(tmp), a.images + a.images // 4, a.image_size, 10)
         n_train = a.images
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        result = fit(paths[:n_train], labels[:n_train], paths[n_train:], labels[n_train:], 10,
-                     cfg, device=device, num_workers=a.workers)
+        result = fit(
+            paths[:n_train],
+            labels[:n_train],
+            paths[n_train:],
+            labels[n_train:],
+            10,
+            cfg,
+            device=device,
+            num_workers=a.workers,
+        )
         total = time.perf_counter() - t0
     timed = result.history[1:] or result.history  # epoch 0 pays for cudnn autotune, compile
     seconds = sum(h["seconds"] for h in timed)
     images = (n_train + len(paths) - n_train) * len(timed)
     out = {
-        "benchmark": "train_one_fold", "backbone": a.backbone, "image_size": a.image_size,
-        "batch_size": result.batch_size, "mixed_precision": str(amp_dtype(cfg, device)),
-        "channels_last": True, "compile": a.compile, "train_images": n_train,
-        "val_images": len(paths) - n_train, "epochs": a.epochs, "timed_epochs": len(timed),
+        "benchmark": "train_one_fold",
+        "backbone": a.backbone,
+        "image_size": a.image_size,
+        "batch_size": result.batch_size,
+        "mixed_precision": str(amp_dtype(cfg, device)),
+        "channels_last": True,
+        "compile": a.compile,
+        "train_images": n_train,
+        "val_images": len(paths) - n_train,
+        "epochs": a.epochs,
+        "timed_epochs": len(timed),
         "images_per_s": images / seconds,
         "train_images_per_s": n_train * len(timed) / seconds,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "device": torch.cuda.get_device_name(0), "dataloader_workers": a.workers,
-        "total_seconds": total, "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0),
+        "dataloader_workers": a.workers,
+        "total_seconds": total,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "at": datetime.now(UTC).isoformat(),
     }
     a.out.mkdir(parents=True, exist_ok=True)

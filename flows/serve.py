@@ -37,8 +37,9 @@ def load_flow(entrypoint: str):
     return getattr(module, func)
 
 
-def deployment_args(d: dict, *, timezone: str | None = None, watch_every: float | None = None,
-                    demo: bool = False) -> dict:
+def deployment_args(
+    d: dict, *, timezone: str | None = None, watch_every: float | None = None, demo: bool = False
+) -> dict:
     """Keyword arguments of ``Flow.to_deployment`` for one deployment of prefect.yaml."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
@@ -63,22 +64,33 @@ def deployment_args(d: dict, *, timezone: str | None = None, watch_every: float 
     parameters = dict(d.get("parameters") or {})
     if demo and d["name"] == "nightly-retrain":
         parameters["config"] = demo_retrain_config(parameters.get("config") or {})
-    return {"name": d["name"], "description": d.get("description"), "tags": d.get("tags"),
-            "schedules": schedules, "triggers": triggers, "concurrency_limit": limit,
-            "parameters": parameters}
+    return {
+        "name": d["name"],
+        "description": d.get("description"),
+        "tags": d.get("tags"),
+        "schedules": schedules,
+        "triggers": triggers,
+        "concurrency_limit": limit,
+        "parameters": parameters,
+    }
 
 
 def demo_retrain_config(config: dict) -> dict:
     """The demo's training (resnet18 from scratch at 32 px: minutes on a CPU, no download)."""
     from darkroom.demo import DEMO_TRAIN
 
-    return {**config, "num_workers": 0, "train": DEMO_TRAIN.model_dump(mode="json",
-                                                                      exclude_defaults=True)}
+    return {
+        **config,
+        "num_workers": 0,
+        "train": DEMO_TRAIN.model_dump(mode="json", exclude_defaults=True),
+    }
 
 
 def build_deployments(spec: dict, **overrides) -> list:
-    return [load_flow(d["entrypoint"]).to_deployment(**deployment_args(d, **overrides))
-            for d in spec["deployments"]]
+    return [
+        load_flow(d["entrypoint"]).to_deployment(**deployment_args(d, **overrides))
+        for d in spec["deployments"]
+    ]
 
 
 def _healthy(api_url: str) -> bool:
@@ -92,14 +104,22 @@ def start_server(port: int, log_path: Path, timeout: float = 120) -> subprocess.
     """``prefect server start`` on 127.0.0.1:<port> (SQLite under PREFECT_HOME) in its own
     process group, so a terminal's Ctrl-C reaches this process and not the server directly."""
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api_url, "PREFECT_API_URL": api_url}
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_API_URL": api_url,
+    }
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115  (the server writes to it until it stops)
-    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while not _healthy(api_url):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -121,9 +141,14 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
         proc.wait()
 
 
-def serve(port: int = 4200, storage: str | None = None, cache_dir: str | None = None,
-          timezone: str | None = None, watch_every: float | None = None,
-          demo: bool = False) -> int:
+def serve(
+    port: int = 4200,
+    storage: str | None = None,
+    cache_dir: str | None = None,
+    timezone: str | None = None,
+    watch_every: float | None = None,
+    demo: bool = False,
+) -> int:
     """Serves the deployments until Ctrl-C; starts (and then stops) a server when needed."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Ctrl-C must stop us even when started from a shell that ignores SIGINT in background jobs.
@@ -135,8 +160,9 @@ def serve(port: int = 4200, storage: str | None = None, cache_dir: str | None = 
     if cache_dir:
         os.environ["DARKROOM_CACHE"] = str(Path(cache_dir).expanduser().resolve())
     os.chdir(ROOT)  # entrypoints (flows/*.py) and `tasks` resolve from the repository root
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
-                                                             os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
 
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
@@ -153,8 +179,10 @@ def serve(port: int = 4200, storage: str | None = None, cache_dir: str | None = 
         else:
             home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
             log_path = home / f"darkroom-server-{port}.log"
-            print(f"starting a Prefect server on {ui_url} (SQLite in {home}, log {log_path})",
-                  flush=True)
+            print(
+                f"starting a Prefect server on {ui_url} (SQLite in {home}, log {log_path})",
+                flush=True,
+            )
             server = start_server(port, log_path)
             print(f"Prefect server started (pid {server.pid})", flush=True)
     os.environ["PREFECT_API_URL"] = api_url
@@ -164,16 +192,22 @@ def serve(port: int = 4200, storage: str | None = None, cache_dir: str | None = 
 
             from tasks.common import ensure_gpu_limit, visible_gpus
 
-            deployments = build_deployments(load_spec(), timezone=timezone,
-                                            watch_every=watch_every, demo=demo)
+            deployments = build_deployments(
+                load_spec(), timezone=timezone, watch_every=watch_every, demo=demo
+            )
             gpus = visible_gpus()
             if gpus and ensure_gpu_limit(gpus):
-                print(f"created the global concurrency limit darkroom-gpu: {gpus} slots",
-                      flush=True)
-            print(f"\nPrefect UI: {ui_url}\n  storage: {os.environ['DARKROOM_STORAGE']}\n"
-                  f"  run the nightly retrain now: PREFECT_API_URL={api_url} prefect deployment "
-                  "run nightly-retrain/nightly-retrain\n  Ctrl-C stops darkroom serve"
-                  + (" and the server it started" if server else "") + "\n", flush=True)
+                print(
+                    f"created the global concurrency limit darkroom-gpu: {gpus} slots", flush=True
+                )
+            print(
+                f"\nPrefect UI: {ui_url}\n  storage: {os.environ['DARKROOM_STORAGE']}\n"
+                f"  run the nightly retrain now: PREFECT_API_URL={api_url} prefect deployment "
+                "run nightly-retrain/nightly-retrain\n  Ctrl-C stops darkroom serve"
+                + (" and the server it started" if server else "")
+                + "\n",
+                flush=True,
+            )
             prefect_serve(*deployments, print_starting_message=True)
     except KeyboardInterrupt:
         pass

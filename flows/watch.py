@@ -23,14 +23,22 @@ def watch_incoming(config: WatchConfig | None = None) -> dict:
     result = check_incoming(storage, emit_event)
     logger = get_run_logger()
     if result["emitted"]:
-        logger.info("%d new images under %s/incoming/: emitted darkroom.images.arrived",
-                    result["new"], storage.uri)
+        logger.info(
+            "%d new images under %s/incoming/: emitted darkroom.images.arrived",
+            result["new"],
+            storage.uri,
+        )
     elif result["new"] and result["champion"] is None:
-        logger.info("%d images waiting under incoming/, but no champion to score them yet",
-                    result["new"])
+        logger.info(
+            "%d images waiting under incoming/, but no champion to score them yet", result["new"]
+        )
     else:
-        logger.info("no new images (%d incoming, %d already scored, %d already announced)",
-                    result["incoming"], result["scored"], result["announced"])
+        logger.info(
+            "no new images (%d incoming, %d already scored, %d already announced)",
+            result["incoming"],
+            result["scored"],
+            result["announced"],
+        )
     return result
 
 

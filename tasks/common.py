@@ -47,8 +47,15 @@ class ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.what, unit=self.unit, position=self.position,
-                            dynamic_ncols=True, leave=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=total,
+                desc=self.what,
+                unit=self.unit,
+                position=self.position,
+                dynamic_ncols=True,
+                leave=True,
+                file=sys.stderr,
+            )
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(done - self.bar.n)
@@ -104,10 +111,16 @@ def run_name(kind: str) -> Callable[[], str]:
         if kind == "retrain":
             from darkroom.config import TrainConfig
 
-            t = TrainConfig.model_validate(train or {}) if not isinstance(train, TrainConfig) \
+            t = (
+                TrainConfig.model_validate(train or {})
+                if not isinstance(train, TrainConfig)
                 else train
-            parts += [t.backbone.replace("/", "_").replace(".", "_"), f"{t.folds}folds",
-                      f"{t.epochs}ep"]
+            )
+            parts += [
+                t.backbone.replace("/", "_").replace(".", "_"),
+                f"{t.folds}folds",
+                f"{t.epochs}ep",
+            ]
         if params.get("rescore") or _field(config, "rescore"):
             parts.append("rescore")
         return "-".join([*parts, f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"])
@@ -152,7 +165,8 @@ def ensure_gpu_limit(slots: int, name: str = GPU_LIMIT) -> bool:
             pass
         try:
             client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=max(1, slots)))
+                GlobalConcurrencyLimitCreate(name=name, limit=max(1, slots))
+            )
         except ObjectAlreadyExists:
             return False  # another process won the race
         return True

@@ -12,17 +12,39 @@ from darkroom.model import resolve_device
 from tasks.common import gpu_slot, progress_bar, retry_unless_permanent
 
 
-@task(task_run_name="train-fold-{fold}", retries=2, retry_delay_seconds=30,
-      retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
-def train_fold(storage_uri: str, cache_dir: str, snapshot: str, fold: int, version: str,
-               cfg: TrainConfig, device: str = "auto", num_workers: int = 0) -> dict:
+@task(
+    task_run_name="train-fold-{fold}",
+    retries=2,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def train_fold(
+    storage_uri: str,
+    cache_dir: str,
+    snapshot: str,
+    fold: int,
+    version: str,
+    cfg: TrainConfig,
+    device: str = "auto",
+    num_workers: int = 0,
+) -> dict:
     """One fold. With several GPUs each fold holds one slot of the ``darkroom-gpu`` global
     concurrency limit and trains on its own GPU (see tasks.common.gpu_slot)."""
     with gpu_slot(device) as dev:
         on_epoch = EpochProgress(fold, cfg.folds, cfg.epochs, str(resolve_device(dev)))
         try:
-            return pipeline.train_fold(storage_uri, cache_dir, snapshot, fold, version, cfg, dev,
-                                       num_workers, on_epoch=on_epoch)
+            return pipeline.train_fold(
+                storage_uri,
+                cache_dir,
+                snapshot,
+                fold,
+                version,
+                cfg,
+                dev,
+                num_workers,
+                on_epoch=on_epoch,
+            )
         finally:
             on_epoch.close()
 
@@ -40,26 +62,45 @@ class EpochProgress:
     def __call__(self, row: dict) -> None:
         e = row["epoch"] + 1
         if self.bar is not None:
-            self.bar(e, self.epochs, loss=f"{row['train_loss']:.4f}",
-                     val_loss=f"{row['val_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}")
+            self.bar(
+                e,
+                self.epochs,
+                loss=f"{row['train_loss']:.4f}",
+                val_loss=f"{row['val_loss']:.4f}",
+                val_acc=f"{row['val_accuracy']:.4f}",
+            )
         else:
             self.logger.info(
                 "fold %d/%d epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f "
-                "f1 %.4f (%.1fs)", self.fold + 1, self.folds, e, self.epochs, row["train_loss"],
-                row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_f1_macro"],
-                row["seconds"])
+                "f1 %.4f (%.1fs)",
+                self.fold + 1,
+                self.folds,
+                e,
+                self.epochs,
+                row["train_loss"],
+                row["train_accuracy"],
+                row["val_loss"],
+                row["val_accuracy"],
+                row["val_f1_macro"],
+                row["seconds"],
+            )
         self._artifact(row)
 
     def _artifact(self, row: dict) -> None:
         e = row["epoch"] + 1
         pct = 100.0 * e / self.epochs
-        which = (f"fold {self.fold + 1} of {self.folds}" if self.fold < self.folds
-                 else "refit on every train row")
-        text = (f"train-fold-{self.fold}: {which}, epoch {e} of "
-                f"{self.epochs} on {self.device} | val accuracy {row['val_accuracy']:.4f}, "
-                f"val F1 {row['val_f1_macro']:.4f}, val loss {row['val_loss']:.4f}, "
-                f"train loss {row['train_loss']:.4f}, train accuracy "
-                f"{row['train_accuracy']:.4f}, lr {row['lr']:.2e}, {row['seconds']:.1f}s/epoch")
+        which = (
+            f"fold {self.fold + 1} of {self.folds}"
+            if self.fold < self.folds
+            else "refit on every train row"
+        )
+        text = (
+            f"train-fold-{self.fold}: {which}, epoch {e} of "
+            f"{self.epochs} on {self.device} | val accuracy {row['val_accuracy']:.4f}, "
+            f"val F1 {row['val_f1_macro']:.4f}, val loss {row['val_loss']:.4f}, "
+            f"train loss {row['train_loss']:.4f}, train accuracy "
+            f"{row['train_accuracy']:.4f}, lr {row['lr']:.2e}, {row['seconds']:.1f}s/epoch"
+        )
         try:  # the artifact is for people: it must never fail a fold
             if self.artifact is None:
                 self.artifact = create_progress_artifact(pct, description=text)
@@ -74,14 +115,25 @@ class EpochProgress:
 
 
 @task(name="finalize-candidate", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def finalize_candidate(storage_uri: str, version: str, snapshot: str, fold_summaries: list[dict],
-                       cfg: TrainConfig) -> dict:
+def finalize_candidate(
+    storage_uri: str, version: str, snapshot: str, fold_summaries: list[dict], cfg: TrainConfig
+) -> dict:
     return pipeline.finalize_candidate(storage_uri, version, snapshot, fold_summaries, cfg)
 
 
-@task(task_run_name="evaluate-holdout-{version}", retries=2, retry_delay_seconds=10,
-      retry_condition_fn=retry_unless_permanent, cache_policy=NO_CACHE)
-def evaluate_holdout(storage_uri: str, cache_dir: str, snapshot: str, version: str,
-                     device: str = "auto", tta: bool = False) -> dict:
-    return evaluation.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device,
-                                       tta=tta)
+@task(
+    task_run_name="evaluate-holdout-{version}",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def evaluate_holdout(
+    storage_uri: str,
+    cache_dir: str,
+    snapshot: str,
+    version: str,
+    device: str = "auto",
+    tta: bool = False,
+) -> dict:
+    return evaluation.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device, tta=tta)

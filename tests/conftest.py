@@ -15,12 +15,26 @@ from darkroom.storage import LocalStorage, Storage
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Small and fast on a 2-core CPU: timm's tiny test model at 32 px.
-TINY = TrainConfig(backbone="test_resnet", image_size=32, batch_size=32, epochs=1, lr=2e-3,
-                   lr_min=1e-5, folds=2, augment="none")
+TINY = TrainConfig(
+    backbone="test_resnet",
+    image_size=32,
+    batch_size=32,
+    epochs=1,
+    lr=2e-3,
+    lr_min=1e-5,
+    folds=2,
+    augment="none",
+)
 
 
-def write_digits(storage: Storage, classes=("0", "1", "2"), per_class: int = 12,
-                 incoming: int = 0, offset: int = 0, size: int = 32) -> dict[str, str]:
+def write_digits(
+    storage: Storage,
+    classes=("0", "1", "2"),
+    per_class: int = 12,
+    incoming: int = 0,
+    offset: int = 0,
+    size: int = 32,
+) -> dict[str, str]:
     """Writes real digit images as labeled/<digit>/d-<i>.png (+ unlabeled ones under incoming/).
 
     Returns key -> true label for every image written.

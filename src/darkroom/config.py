@@ -41,43 +41,56 @@ class TrainConfig(BaseModel):
         "accuracy", description="Picks the best fold and decides promotion."
     )
     optimizer: Literal["adam", "adamw", "sgd"] = Field(
-        "adam", description="adam (the tutorials'), adamw (decoupled weight decay), or sgd "
-        "(momentum 0.9, Nesterov)."
+        "adam",
+        description="adam (the tutorials'), adamw (decoupled weight decay), or sgd "
+        "(momentum 0.9, Nesterov).",
     )
     freeze_backbone_epochs: int = Field(
-        0, ge=0, description="Train only the new classifier head for this many epochs, then "
-        "unfreeze everything (transfer learning)."
+        0,
+        ge=0,
+        description="Train only the new classifier head for this many epochs, then "
+        "unfreeze everything (transfer learning).",
     )
     early_stopping_patience: int = Field(
-        0, ge=0, description="Stop after this many epochs without a lower validation loss "
-        "(0: never stop early). The best epoch's weights are kept either way."
+        0,
+        ge=0,
+        description="Stop after this many epochs without a lower validation loss "
+        "(0: never stop early). The best epoch's weights are kept either way.",
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] = Field(
-        "none", description="balanced: weight the loss by n_images / (n_classes * class count) "
-        "of the fold's training rows."
+        "none",
+        description="balanced: weight the loss by n_images / (n_classes * class count) "
+        "of the fold's training rows.",
     )
     mixup_prob: float = Field(
-        0.0, ge=0, le=1, description="Probability that a training batch is mixed with MixUp "
-        "(alpha 0.2)."
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability that a training batch is mixed with MixUp (alpha 0.2).",
     )
     cutmix_prob: float = Field(
-        0.0, ge=0, le=1, description="Probability that a training batch is mixed with CutMix "
-        "(alpha 1.0); mixup_prob + cutmix_prob must not exceed 1."
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability that a training batch is mixed with CutMix "
+        "(alpha 1.0); mixup_prob + cutmix_prob must not exceed 1.",
     )
     grad_accum_steps: int = Field(
         1, ge=1, description="Batches per optimizer step (effective batch = batch_size x this)."
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="CUDA only (ignored on a CPU). auto: bf16 where the GPU supports it, "
-        "else fp16 with a gradient scaler."
+        "auto",
+        description="CUDA only (ignored on a CPU). auto: bf16 where the GPU supports it, "
+        "else fp16 with a gradient scaler.",
     )
     channels_last: bool = Field(True, description="NHWC memory layout on CUDA (faster convs).")
     compile: bool = Field(False, description="torch.compile the model on CUDA.")
     final_model: Literal["best_fold", "ensemble", "refit"] = Field(
-        "best_fold", description="best_fold: the best fold's weights; ensemble: every fold's "
+        "best_fold",
+        description="best_fold: the best fold's weights; ensemble: every fold's "
         "model, probabilities averaged; refit: one model on all train rows for the folds' mean "
-        "best epoch count."
+        "best epoch count.",
     )
 
     @field_validator("lr_min")
@@ -91,8 +104,10 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _mix_probs_add_up(self):
         if self.mixup_prob + self.cutmix_prob > 1:
-            raise ValueError(f"mixup_prob + cutmix_prob ({self.mixup_prob} + {self.cutmix_prob})"
-                             " must not exceed 1")
+            raise ValueError(
+                f"mixup_prob + cutmix_prob ({self.mixup_prob} + {self.cutmix_prob})"
+                " must not exceed 1"
+            )
         return self
 
     def fingerprint(self) -> str:
@@ -113,8 +128,9 @@ class RuntimeConfig(BaseModel):
 
     storage: str = Field(default_factory=default_storage_uri, description="file://... or s3://...")
     cache_dir: str | None = Field(
-        None, description="Local cache of synced images (default: $DARKROOM_CACHE or "
-        "~/.cache/darkroom/<root hash>)."
+        None,
+        description="Local cache of synced images (default: $DARKROOM_CACHE or "
+        "~/.cache/darkroom/<root hash>).",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
@@ -128,13 +144,18 @@ class RetrainConfig(RuntimeConfig):
     holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
     force: bool = Field(False, description="Train even if data and config did not change.")
     min_delta: float = Field(
-        0.0, ge=0, description="Promote only if the challenger beats the champion's primary "
-        "metric (train.metric) on the holdout by more than this."
+        0.0,
+        ge=0,
+        description="Promote only if the challenger beats the champion's primary "
+        "metric (train.metric) on the holdout by more than this.",
     )
     tta: bool = Field(False, description="Holdout evaluation averages image and h-flip.")
     max_class_recall_drop: float = Field(
-        0.05, ge=0, le=1, description="Reject a challenger if any class's holdout recall falls "
-        "by more than this versus the champion."
+        0.05,
+        ge=0,
+        le=1,
+        description="Reject a challenger if any class's holdout recall falls "
+        "by more than this versus the champion.",
     )
 
 

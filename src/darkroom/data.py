@@ -24,8 +24,9 @@ def read_rgb(path: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                    augment: str = "none") -> A.Compose:
+def build_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"
+) -> A.Compose:
     """Resize (+ augmentation for training), normalise with the backbone's mean/std, to tensor.
 
     Args:
@@ -38,8 +39,14 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
         if augment == "soft":
             ops.append(A.HorizontalFlip(p=0.6))
         hole = max(1, round(64 * image_size / 224))  # one 64 px hole at 224 px, scaled
-        ops.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole),
-                                   hole_width_range=(hole, hole), p=0.3))
+        ops.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(hole, hole),
+                hole_width_range=(hole, hole),
+                p=0.3,
+            )
+        )
     elif augment != "none":
         raise ValueError(f"unknown augment {augment!r}: use soft, no-flip or none")
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]

@@ -19,8 +19,16 @@ TRUTH = "demo/incoming_truth.csv"
 
 # Digits from scratch (no weights can be downloaded here) want a higher lr than the tutorials'
 # 1e-4 fine-tuning rate, and must not be mirrored.
-DEMO_TRAIN = TrainConfig(backbone="resnet18", image_size=32, batch_size=64, epochs=8, lr=2e-3,
-                         lr_min=1e-5, folds=5, augment="none")
+DEMO_TRAIN = TrainConfig(
+    backbone="resnet18",
+    image_size=32,
+    batch_size=64,
+    epochs=8,
+    lr=2e-3,
+    lr_min=1e-5,
+    folds=5,
+    augment="none",
+)
 
 
 def digit_png(pixels: np.ndarray, size: int) -> bytes:
@@ -31,8 +39,14 @@ def digit_png(pixels: np.ndarray, size: int) -> bytes:
     return buf.tobytes()
 
 
-def write_demo_data(storage: Storage, *, size: int = 32, incoming_fraction: float = 0.2,
-                    seed: int = 0, limit: int | None = None) -> dict:
+def write_demo_data(
+    storage: Storage,
+    *,
+    size: int = 32,
+    incoming_fraction: float = 0.2,
+    seed: int = 0,
+    limit: int | None = None,
+) -> dict:
     """Writes the digits; existing objects are left as they are. Returns counts."""
     from sklearn.datasets import load_digits
 

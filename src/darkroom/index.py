@@ -31,8 +31,22 @@ LABELED = "labeled/"
 INDEX_PREFIX = "index/"
 LATEST = "index/latest.json"
 META_KEY = b"darkroom"
-COLUMNS = ["image_id", "key", "label", "class_index", "split", "fold", "width", "height",
-           "channels", "format", "bytes", "etag", "status", "error"]
+COLUMNS = [
+    "image_id",
+    "key",
+    "label",
+    "class_index",
+    "split",
+    "fold",
+    "width",
+    "height",
+    "channels",
+    "format",
+    "bytes",
+    "etag",
+    "status",
+    "error",
+]
 
 
 class DatasetError(ValueError):
@@ -42,15 +56,26 @@ class DatasetError(ValueError):
 def describe_image(path: str | Path) -> dict:
     """Hashes and decodes one file once. Never raises for a bad image: status says why."""
     raw = Path(path).read_bytes()
-    row = {"image_id": hashlib.sha256(raw).hexdigest(), "bytes": len(raw), "width": -1,
-           "height": -1, "channels": -1, "format": "", "status": "ok", "error": ""}
+    row = {
+        "image_id": hashlib.sha256(raw).hexdigest(),
+        "bytes": len(raw),
+        "width": -1,
+        "height": -1,
+        "channels": -1,
+        "format": "",
+        "status": "ok",
+        "error": "",
+    }
     img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
     if img is None:
         row.update(status="unreadable", error="OpenCV could not decode the file")
         return row
-    row.update(height=int(img.shape[0]), width=int(img.shape[1]),
-               channels=1 if img.ndim == 2 else int(img.shape[2]),
-               format=Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg"))
+    row.update(
+        height=int(img.shape[0]),
+        width=int(img.shape[1]),
+        channels=1 if img.ndim == 2 else int(img.shape[2]),
+        format=Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg"),
+    )
     return row
 
 
@@ -67,8 +92,10 @@ def read_label_file(storage: Storage) -> dict[str, str]:
         raw = io.BytesIO(storage.read_bytes(name))
         df = pd.read_parquet(raw) if name.endswith(".parquet") else pd.read_csv(raw, dtype=str)
         if not {"key", "label"} <= set(df.columns):
-            raise DatasetError(f"{storage.url(name)} needs the columns 'key' and 'label'; "
-                               f"it has {list(df.columns)}")
+            raise DatasetError(
+                f"{storage.url(name)} needs the columns 'key' and 'label'; "
+                f"it has {list(df.columns)}"
+            )
         df = df.dropna(subset=["key", "label"])  # a blank cell is no override, not "nan"
         keys = [k if k.startswith(LABELED) else LABELED + k for k in df["key"].astype(str)]
         return dict(zip(keys, df["label"].astype(str), strict=True))
@@ -76,7 +103,7 @@ def read_label_file(storage: Storage) -> dict[str, str]:
 
 
 def label_from_key(key: str) -> str | None:
-    parts = key[len(LABELED):].split("/")
+    parts = key[len(LABELED) :].split("/")
     return parts[0] if len(parts) > 1 else None
 
 
@@ -111,16 +138,35 @@ def build_index(
     for i, (key, obj) in enumerate(sorted(objects.items()), 1):
         old = reuse.get((key, obj.etag))
         if old is not None:
-            row = {c: getattr(old, c) for c in ("image_id", "bytes", "width", "height",
-                                                 "channels", "format", "status", "error")}
+            row = {
+                c: getattr(old, c)
+                for c in (
+                    "image_id",
+                    "bytes",
+                    "width",
+                    "height",
+                    "channels",
+                    "format",
+                    "status",
+                    "error",
+                )
+            }
             if row["status"] not in ("ok", "unreadable"):
                 row.update(status="ok", error="")  # re-judged below
         else:
             try:
                 row = describe_image(obj.path)
             except OSError as e:
-                row = {"image_id": "", "bytes": obj.size, "width": -1, "height": -1,
-                       "channels": -1, "format": "", "status": "unreadable", "error": str(e)}
+                row = {
+                    "image_id": "",
+                    "bytes": obj.size,
+                    "width": -1,
+                    "height": -1,
+                    "channels": -1,
+                    "format": "",
+                    "status": "unreadable",
+                    "error": str(e),
+                }
         label = labels.get(key) or label_from_key(key)
         row.update(key=key, etag=obj.etag, label=label or "")
         if row["status"] == "ok" and not label:
@@ -129,8 +175,9 @@ def build_index(
         if progress:
             progress(i, len(objects))
 
-    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in ("class_index", "split",
-                                                                      "fold")])
+    df = pd.DataFrame(
+        rows, columns=[c for c in COLUMNS if c not in ("class_index", "split", "fold")]
+    )
     df = _mark_duplicates(df)
     ok = df["status"] == "ok"
     classes = sorted(df.loc[ok, "label"].unique().tolist())
@@ -138,7 +185,8 @@ def build_index(
     df["class_index"] = df["label"].map(class_to_index).where(ok, -1).fillna(-1).astype("int64")
     df["split"] = np.where(
         ok & df["image_id"].map(lambda h: is_holdout(h, holdout_fraction) if h else False),
-        "holdout", np.where(ok, "train", ""),
+        "holdout",
+        np.where(ok, "train", ""),
     )
     df["fold"] = -1
     _check_trainable(df, classes, folds)
@@ -146,8 +194,7 @@ def build_index(
     # Sort by content hash so fold assignment does not depend on listing order.
     order = df.loc[train].sort_values("image_id").index
     skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, val_idx) in enumerate(skf.split(np.zeros(len(order)),
-                                               df.loc[order, "class_index"])):
+    for k, (_, val_idx) in enumerate(skf.split(np.zeros(len(order)), df.loc[order, "class_index"])):
         df.loc[order[val_idx], "fold"] = k
     df["fold"] = df["fold"].astype("int64")
     return df[COLUMNS].reset_index(drop=True), classes
@@ -159,8 +206,10 @@ def _mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:
     ok = df["status"] == "ok"
     labels_per_id = df[ok].groupby("image_id")["label"].nunique()
     conflicting = df["image_id"].isin(labels_per_id[labels_per_id > 1].index) & ok
-    df.loc[conflicting, ["status", "error"]] = ["conflicting_labels",
-                                                "same image content under different labels"]
+    df.loc[conflicting, ["status", "error"]] = [
+        "conflicting_labels",
+        "same image content under different labels",
+    ]
     dup = (df["status"] == "ok") & df.duplicated("image_id", keep="first")
     first_key = df[df["status"] == "ok"].drop_duplicates("image_id").set_index("image_id")["key"]
     df.loc[dup, "status"] = "duplicate"
@@ -209,17 +258,31 @@ def write_index(storage: Storage, df: pd.DataFrame, classes: list[str], **info) 
     snap = snapshot_id(df, classes)
     key = f"{INDEX_PREFIX}{snap}.parquet"
     counts = df["status"].value_counts().to_dict()
-    meta = {"snapshot": snap, "classes": classes, "created_at": datetime.now(UTC).isoformat(),
-            "rows": len(df), "status_counts": counts, **info}
+    meta = {
+        "snapshot": snap,
+        "classes": classes,
+        "created_at": datetime.now(UTC).isoformat(),
+        "rows": len(df),
+        "status_counts": counts,
+        **info,
+    }
     if not storage.exists(key):
         storage.write_bytes(key, to_parquet_bytes(df, meta))
-    pointer = {"snapshot": snap, "key": key, "classes": classes, "rows": len(df),
-               "status_counts": counts, "updated_at": meta["created_at"]}
+    pointer = {
+        "snapshot": snap,
+        "key": key,
+        "classes": classes,
+        "rows": len(df),
+        "status_counts": counts,
+        "updated_at": meta["created_at"],
+    }
     storage.write_text(LATEST, json.dumps(pointer, indent=2))
     return pointer
 
 
-def read_index(storage: Storage, snapshot: str | None = None) -> tuple[pd.DataFrame, list[str], str]:
+def read_index(
+    storage: Storage, snapshot: str | None = None
+) -> tuple[pd.DataFrame, list[str], str]:
     """Reads a snapshot (default: the latest). Returns (rows, class names, snapshot id)."""
     if snapshot is None:
         if not storage.exists(LATEST):

@@ -24,10 +24,20 @@ from darkroom.training import (
 )
 
 
-def range_test(train_paths: Sequence[str], train_labels: Sequence[int], num_classes: int,
-               cfg: TrainConfig, *, device: torch.device, num_workers: int = 0,
-               start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
-               smoothing: float = 0.98, diverge: float = 4.0) -> dict:
+def range_test(
+    train_paths: Sequence[str],
+    train_labels: Sequence[int],
+    num_classes: int,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 100,
+    smoothing: float = 0.98,
+    diverge: float = 4.0,
+) -> dict:
     """Runs up to ``steps`` optimizer steps with the lr going from ``start_lr`` to ``end_lr``
     geometrically; stops once the smoothed loss exceeds ``diverge`` x its minimum.
 
@@ -38,12 +48,19 @@ def range_test(train_paths: Sequence[str], train_labels: Sequence[int], num_clas
     seed_everything(cfg.seed)
     model = create_model(local_weights(cfg), num_classes).to(device)
     mean, std = mean_std(model)
-    loader = make_loader(train_paths, train_labels,
-                         build_transform(cfg.image_size, mean, std, cfg.augment),
-                         cfg.batch_size, shuffle=True, num_workers=num_workers, seed=cfg.seed,
-                         drop_last=len(train_paths) > cfg.batch_size)
-    optimizer = build_optimizer(cfg.model_copy(update={"lr": start_lr, "lr_min": 0.0}),
-                                model.parameters())
+    loader = make_loader(
+        train_paths,
+        train_labels,
+        build_transform(cfg.image_size, mean, std, cfg.augment),
+        cfg.batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        seed=cfg.seed,
+        drop_last=len(train_paths) > cfg.batch_size,
+    )
+    optimizer = build_optimizer(
+        cfg.model_copy(update={"lr": start_lr, "lr_min": 0.0}), model.parameters()
+    )
     criterion = build_criterion(cfg, train_labels, num_classes, device)
     opts = StepOptions(amp=amp_dtype(cfg, device))
     gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))

@@ -9,8 +9,9 @@ from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_
 SCALARS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "top5_accuracy")
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
-                           train_counts: list[int] | None = None) -> dict:
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], train_counts: list[int] | None = None
+) -> dict:
     """Accuracy, macro precision/recall/F1, top-1 (and top-5 with more than 5 classes), log
     loss, confusion matrix, per-class accuracy and support.
 
@@ -27,14 +28,22 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     n_classes = len(classes)
     labels = np.arange(n_classes)
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
-    p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                  average="macro", zero_division=0) \
-        if len(y_true) else (0.0, 0.0, 0.0, None)  # sklearn refuses empty input
-    cm = confusion_matrix(y_true, y_pred, labels=labels) if len(y_true) else \
-        np.zeros((n_classes, n_classes), dtype=np.int64)
+    p, r, f1, _ = (
+        precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, average="macro", zero_division=0
+        )
+        if len(y_true)
+        else (0.0, 0.0, 0.0, None)
+    )  # sklearn refuses empty input
+    cm = (
+        confusion_matrix(y_true, y_pred, labels=labels)
+        if len(y_true)
+        else np.zeros((n_classes, n_classes), dtype=np.int64)
+    )
     support = cm.sum(1)
-    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None)
-                 for i, c in enumerate(classes)}
+    per_class = {
+        c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)
+    }
     out = {
         "n": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
@@ -42,14 +51,16 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         "recall_macro": float(r),
         "f1_macro": float(f1),
         "log_loss": float(log_loss(y_true, np.clip(probs, 1e-12, 1), labels=labels))
-        if len(y_true) else None,
+        if len(y_true)
+        else None,
         "confusion_matrix": cm.tolist(),
         "per_class_accuracy": per_class,
         "per_class_support": {c: int(s) for c, s in zip(classes, support, strict=True)},
     }
     if train_counts is not None:
-        out["per_class_train_images"] = {c: int(n)
-                                         for c, n in zip(classes, train_counts, strict=True)}
+        out["per_class_train_images"] = {
+            c: int(n) for c, n in zip(classes, train_counts, strict=True)
+        }
     for k in (1, 5):
         # top-k with k >= the class count is 1.0 by construction: only report it when it says
         # something (top-1 always does)

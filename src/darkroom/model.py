@@ -27,12 +27,14 @@ def create_model(cfg: TrainConfig, num_classes: int, *, pretrained: bool | None 
             raise FileNotFoundError(f"pretrained_file {path} does not exist")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        return timm.create_model(cfg.backbone, pretrained=pretrained, num_classes=num_classes,
-                                 **kwargs)
+        return timm.create_model(
+            cfg.backbone, pretrained=pretrained, num_classes=num_classes, **kwargs
+        )
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown timm backbone {cfg.backbone!r}: see timm.list_models()") \
-                from None
+            raise ValueError(
+                f"unknown timm backbone {cfg.backbone!r}: see timm.list_models()"
+            ) from None
         raise
 
 

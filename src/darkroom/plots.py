@@ -23,8 +23,9 @@ def _png(fig) -> bytes:
 def curves_png(histories: dict[int, list[dict]]) -> bytes:
     """One column per fold: train and validation loss (top) and accuracy (bottom) per epoch."""
     folds = sorted(histories)
-    fig, axes = plt.subplots(2, max(len(folds), 1), figsize=(3.2 * max(len(folds), 1), 5.5),
-                             squeeze=False, sharex="col")
+    fig, axes = plt.subplots(
+        2, max(len(folds), 1), figsize=(3.2 * max(len(folds), 1), 5.5), squeeze=False, sharex="col"
+    )
     for col, fold in enumerate(folds):
         hist = histories[fold]
         ep = [h["epoch"] + 1 for h in hist]
@@ -53,8 +54,15 @@ def confusion_png(cm: list[list[int]], classes: list[str], title: str) -> bytes:
     if n <= 30:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                )
     return _png(fig)
 
 
@@ -68,8 +76,12 @@ def per_class_png(accuracy: dict[str, float | None], train_images: dict[str, int
     ax.scatter(x, y)
     for c, xi, yi in zip(classes, x, y, strict=True):
         ax.annotate(c, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="training images", ylabel="out-of-fold accuracy",
-           title="per-class accuracy vs. training images", ylim=(-0.02, 1.05))
+    ax.set(
+        xlabel="training images",
+        ylabel="out-of-fold accuracy",
+        title="per-class accuracy vs. training images",
+        ylim=(-0.02, 1.05),
+    )
     return _png(fig)
 
 
@@ -96,8 +108,12 @@ def mistakes_png(items: list[tuple[np.ndarray | None, str, str, float]]) -> byte
 def lr_finder_png(lrs: list[float], losses: list[float], suggested: float | None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
-           title="learning-rate range test")
+    ax.set(
+        xscale="log",
+        xlabel="learning rate",
+        ylabel="training loss (smoothed)",
+        title="learning-rate range test",
+    )
     if suggested:
         ax.axvline(suggested, color="red", ls="--", label=f"suggested {suggested:.2e}")
         ax.legend()

@@ -52,8 +52,13 @@ def read_champion(storage: Storage) -> tuple[dict | None, str | None]:
     return json.loads(storage.read_text(CHAMPION)), etag
 
 
-def decide(challenger: dict, champion: dict | None, metric: str, min_delta: float = 0.0,
-           max_class_recall_drop: float = 1.0) -> dict:
+def decide(
+    challenger: dict,
+    champion: dict | None,
+    metric: str,
+    min_delta: float = 0.0,
+    max_class_recall_drop: float = 1.0,
+) -> dict:
     """The promotion gate, on two models' metrics from the same holdout.
 
     Promote when there is no champion, or when the challenger's ``metric`` beats the
@@ -65,37 +70,64 @@ def decide(challenger: dict, champion: dict | None, metric: str, min_delta: floa
     """
     new = challenger[metric]
     new_recall = challenger.get("per_class_accuracy", {})
-    base = {"metric": metric, "challenger": new, "min_delta": min_delta,
-            "max_class_recall_drop": max_class_recall_drop}
+    base = {
+        "metric": metric,
+        "challenger": new,
+        "min_delta": min_delta,
+        "max_class_recall_drop": max_class_recall_drop,
+    }
     if champion is None:
-        return {**base, "promote": True, "champion": None, "rule": "no champion yet",
-                "per_class_recall": {c: {"challenger": r, "champion": None}
-                                     for c, r in new_recall.items()}}
+        return {
+            **base,
+            "promote": True,
+            "champion": None,
+            "rule": "no champion yet",
+            "per_class_recall": {
+                c: {"challenger": r, "champion": None} for c, r in new_recall.items()
+            },
+        }
     old = champion[metric]
     old_recall = champion.get("per_class_accuracy", {})
-    per_class = {c: {"challenger": new_recall.get(c), "champion": old_recall.get(c)}
-                 for c in new_recall}
-    drops = {c: v["champion"] - v["challenger"] for c, v in per_class.items()
-             if v["challenger"] is not None and v["champion"] is not None
-             and v["champion"] - v["challenger"] > max_class_recall_drop + 1e-12}
+    per_class = {
+        c: {"challenger": new_recall.get(c), "champion": old_recall.get(c)} for c in new_recall
+    }
+    drops = {
+        c: v["champion"] - v["challenger"]
+        for c, v in per_class.items()
+        if v["challenger"] is not None
+        and v["champion"] is not None
+        and v["champion"] - v["challenger"] > max_class_recall_drop + 1e-12
+    }
     gain = new - old
     if gain <= 0 or gain < min_delta:
         promote = False
-        rule = (f"rejected: challenger {metric} {new:.4f} does not beat champion {old:.4f} by "
-                f"at least {min_delta:g} (gain {gain:+.4f}) on the same holdout")
+        rule = (
+            f"rejected: challenger {metric} {new:.4f} does not beat champion {old:.4f} by "
+            f"at least {min_delta:g} (gain {gain:+.4f}) on the same holdout"
+        )
     elif drops:
         promote = False
         worst = max(drops, key=drops.get)
-        rule = (f"rejected: recall of class {worst!r} fell by {drops[worst]:.4f} "
-                f"(> {max_class_recall_drop:g}) although {metric} rose {old:.4f} -> {new:.4f}"
-                + (f"; also {sorted(set(drops) - {worst})}" if len(drops) > 1 else ""))
+        rule = (
+            f"rejected: recall of class {worst!r} fell by {drops[worst]:.4f} "
+            f"(> {max_class_recall_drop:g}) although {metric} rose {old:.4f} -> {new:.4f}"
+            + (f"; also {sorted(set(drops) - {worst})}" if len(drops) > 1 else "")
+        )
     else:
         promote = True
-        rule = (f"promoted: challenger {metric} {new:.4f} beats champion {old:.4f} by "
-                f"{gain:+.4f} (>= {min_delta:g}); no class recall fell by more than "
-                f"{max_class_recall_drop:g}")
-    return {**base, "promote": promote, "champion": old, "rule": rule,
-            "per_class_recall": per_class, "recall_drops": drops}
+        rule = (
+            f"promoted: challenger {metric} {new:.4f} beats champion {old:.4f} by "
+            f"{gain:+.4f} (>= {min_delta:g}); no class recall fell by more than "
+            f"{max_class_recall_drop:g}"
+        )
+    return {
+        **base,
+        "promote": promote,
+        "champion": old,
+        "rule": rule,
+        "per_class_recall": per_class,
+        "recall_drops": drops,
+    }
 
 
 def verify(storage: Storage, version: str) -> None:
@@ -117,13 +149,23 @@ def verify(storage: Storage, version: str) -> None:
     for name, expected in files:
         data = storage.read_bytes(version_key(version, name))
         if expected and hashlib.sha256(data).hexdigest() != expected:
-            raise ValueError(f"{storage.url(version_key(version, name))} does not match the "
-                             "sha256 recorded in model.json: it was changed or truncated; "
-                             "restore it or retrain")
+            raise ValueError(
+                f"{storage.url(version_key(version, name))} does not match the "
+                "sha256 recorded in model.json: it was changed or truncated; "
+                "restore it or retrain"
+            )
 
 
-def promote(storage: Storage, version: str, *, expected_etag: str | None, action: str,
-            reason: str, metrics: dict | None = None, previous: str | None = None) -> dict:
+def promote(
+    storage: Storage,
+    version: str,
+    *,
+    expected_etag: str | None,
+    action: str,
+    reason: str,
+    metrics: dict | None = None,
+    previous: str | None = None,
+) -> dict:
     """Points the champion at ``version`` in one conditional write, then logs the record.
 
     Raises:
@@ -131,8 +173,14 @@ def promote(storage: Storage, version: str, *, expected_etag: str | None, action
     """
     verify(storage, version)
     now = datetime.now(UTC)
-    record = {"version": version, "action": action, "at": now.isoformat(), "reason": reason,
-              "previous": previous, "metrics": metrics or {}}
+    record = {
+        "version": version,
+        "action": action,
+        "at": now.isoformat(),
+        "reason": reason,
+        "previous": previous,
+        "metrics": metrics or {},
+    }
     try:
         if expected_etag is None:
             write_json(storage, CHAMPION, record, if_none_match=True)
@@ -175,11 +223,19 @@ def rollback(storage: Storage) -> dict:
         raise RegistryError("no champion yet: nothing to roll back")
     chain = lineage(history(storage))
     if len(chain) < 2 or chain[-1] != champion["version"]:
-        raise RegistryError(f"no previous champion before {champion['version']} in "
-                            f"{storage.url(PROMOTIONS)}: nothing to roll back to")
-    return promote(storage, chain[-2], expected_etag=etag, action="rollback",
-                   reason=f"rollback from {champion['version']}", previous=champion["version"],
-                   metrics=champion_metrics(storage, chain[-2]))
+        raise RegistryError(
+            f"no previous champion before {champion['version']} in "
+            f"{storage.url(PROMOTIONS)}: nothing to roll back to"
+        )
+    return promote(
+        storage,
+        chain[-2],
+        expected_etag=etag,
+        action="rollback",
+        reason=f"rollback from {champion['version']}",
+        previous=champion["version"],
+        metrics=champion_metrics(storage, chain[-2]),
+    )
 
 
 def champion_metrics(storage: Storage, version: str) -> dict:
@@ -189,5 +245,10 @@ def champion_metrics(storage: Storage, version: str) -> dict:
 
 
 def list_versions(storage: Storage) -> list[str]:
-    return sorted({o.key.split("/")[1] for o in storage.list("models/")
-                   if o.key.endswith("/model.json") and o.key.count("/") == 2})
+    return sorted(
+        {
+            o.key.split("/")[1]
+            for o in storage.list("models/")
+            if o.key.endswith("/model.json") and o.key.count("/") == 2
+        }
+    )

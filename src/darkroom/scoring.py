@@ -34,13 +34,21 @@ log = logging.getLogger(__name__)
 
 INCOMING = "incoming/"
 PREDICTIONS = "predictions/"
-PREDICTION_SCHEMA = pa.schema([
-    ("key", pa.string()), ("etag", pa.string()), ("label", pa.string()),
-    ("confidence", pa.float32()), ("low_confidence", pa.bool_()),
-    ("topk_labels", pa.list_(pa.string())),
-    ("topk_probs", pa.list_(pa.float32())), ("model_version", pa.string()),
-    ("scored_at", pa.timestamp("us", tz="UTC")), ("status", pa.string()), ("error", pa.string()),
-])
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("etag", pa.string()),
+        ("label", pa.string()),
+        ("confidence", pa.float32()),
+        ("low_confidence", pa.bool_()),
+        ("topk_labels", pa.list_(pa.string())),
+        ("topk_probs", pa.list_(pa.float32())),
+        ("model_version", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -63,8 +71,9 @@ class LoadedModel:
         return [self.model, *self.extra_members]
 
     @torch.no_grad()
-    def predict_proba(self, paths: Sequence[str], batch_size: int = 64,
-                      num_workers: int = 0, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def predict_proba(
+        self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0, tta: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities for ``paths`` (in order) and a mask of decodable files.
 
         Args:
@@ -80,8 +89,9 @@ class LoadedModel:
         for images, idx, good in loader:
             images = images.to(self.device, non_blocking=True)
             views = [images, images.flip(-1)] if tta else [images]
-            p = torch.stack([torch.softmax(m(v).float(), 1) for m in self.members
-                             for v in views]).mean(0)
+            p = torch.stack(
+                [torch.softmax(m(v).float(), 1) for m in self.members for v in views]
+            ).mean(0)
             probs[idx.numpy()] = p.cpu().numpy()
             ok[idx.numpy()] = good.numpy()
         return probs, ok
@@ -91,8 +101,9 @@ _LOADED: dict[tuple, LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def _load_net(storage: Storage, cfg: TrainConfig, n_classes: int, key: str, sha: str | None,
-              dev: torch.device) -> torch.nn.Module:
+def _load_net(
+    storage: Storage, cfg: TrainConfig, n_classes: int, key: str, sha: str | None, dev: torch.device
+) -> torch.nn.Module:
     model = create_model(cfg, n_classes, pretrained=False)
     load_weights(model, storage.read_bytes(key), sha)
     return model.to(dev).eval()
@@ -109,8 +120,9 @@ def load_version(storage: Storage, version: str, device: str = "auto") -> Loaded
         if cache_key not in _LOADED:
             cfg = TrainConfig(**meta["train_config"])
             n = len(meta["classes"])
-            members = [(version_key(version, m["key"]), m["sha256"])
-                       for m in meta.get("ensemble") or []]
+            members = [
+                (version_key(version, m["key"]), m["sha256"]) for m in meta.get("ensemble") or []
+            ]
             if not members:
                 members = [(version_key(version, "model.safetensors"), meta.get("sha256"))]
             nets = [_load_net(storage, cfg, n, k, sha, dev) for k, sha in members]
@@ -142,19 +154,24 @@ def scored_pairs(storage: Storage, version: str | None) -> set[tuple[str, str]]:
     for obj in storage.list(prefix):
         if obj.key.endswith(".parquet"):
             t = pq.read_table(io.BytesIO(storage.read_bytes(obj.key)), columns=["key", "etag"])
-            done.update(zip(t.column("key").to_pylist(), t.column("etag").to_pylist(),
-                            strict=True))
+            done.update(zip(t.column("key").to_pylist(), t.column("etag").to_pylist(), strict=True))
     return done
 
 
 def plan_chunks(pending: Sequence[tuple[str, str]], chunk_size: int) -> list[list[tuple[str, str]]]:
     pending = sorted(pending)
-    return [pending[i:i + chunk_size] for i in range(0, len(pending), chunk_size)]
+    return [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
 
 
-def predictions_frame(loaded: LoadedModel, items: Sequence[tuple[str, str]],
-                      probs: np.ndarray, ok: np.ndarray, errors: dict[str, str],
-                      topk: int, low_confidence: float = 0.5) -> pd.DataFrame:
+def predictions_frame(
+    loaded: LoadedModel,
+    items: Sequence[tuple[str, str]],
+    probs: np.ndarray,
+    ok: np.ndarray,
+    errors: dict[str, str],
+    topk: int,
+    low_confidence: float = 0.5,
+) -> pd.DataFrame:
     classes = np.array(loaded.classes)
     k = min(topk, len(classes))
     order = np.argsort(-probs, axis=1)[:, :k]
@@ -163,17 +180,21 @@ def predictions_frame(loaded: LoadedModel, items: Sequence[tuple[str, str]],
     for i, (key, etag) in enumerate(items):
         good = bool(ok[i]) and key not in errors
         top = order[i]
-        rows.append({
-            "key": key, "etag": etag,
-            "label": str(classes[top[0]]) if good else None,
-            "confidence": float(probs[i, top[0]]) if good else None,
-            "low_confidence": bool(probs[i, top[0]] < low_confidence) if good else None,
-            "topk_labels": classes[top].tolist() if good else [],
-            "topk_probs": probs[i, top].astype(np.float32).tolist() if good else [],
-            "model_version": loaded.version, "scored_at": now,
-            "status": "ok" if good else "unreadable",
-            "error": "" if good else errors.get(key, "OpenCV could not decode the file"),
-        })
+        rows.append(
+            {
+                "key": key,
+                "etag": etag,
+                "label": str(classes[top[0]]) if good else None,
+                "confidence": float(probs[i, top[0]]) if good else None,
+                "low_confidence": bool(probs[i, top[0]] < low_confidence) if good else None,
+                "topk_labels": classes[top].tolist() if good else [],
+                "topk_probs": probs[i, top].astype(np.float32).tolist() if good else [],
+                "model_version": loaded.version,
+                "scored_at": now,
+                "status": "ok" if good else "unreadable",
+                "error": "" if good else errors.get(key, "OpenCV could not decode the file"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -187,8 +208,11 @@ def write_predictions(storage: Storage, version: str, cid: str, df: pd.DataFrame
 
 
 def read_predictions(storage: Storage, version: str) -> pd.DataFrame:
-    frames = [pd.read_parquet(io.BytesIO(storage.read_bytes(o.key)))
-              for o in storage.list(f"{PREDICTIONS}{version}/") if o.key.endswith(".parquet")]
+    frames = [
+        pd.read_parquet(io.BytesIO(storage.read_bytes(o.key)))
+        for o in storage.list(f"{PREDICTIONS}{version}/")
+        if o.key.endswith(".parquet")
+    ]
     if not frames:
         return PREDICTION_SCHEMA.empty_table().to_pandas()
     return pd.concat(frames, ignore_index=True)
@@ -196,8 +220,10 @@ def read_predictions(storage: Storage, version: str) -> pd.DataFrame:
 
 # ---- the scoring stage: what a scoring task runs ----------------------------------------
 
-def pending_chunks(storage_uri: str, version: str, chunk_size: int,
-                   rescore: bool = False) -> tuple[list[list[tuple[str, str]]], dict]:
+
+def pending_chunks(
+    storage_uri: str, version: str, chunk_size: int, rescore: bool = False
+) -> tuple[list[list[tuple[str, str]]], dict]:
     """Incoming (key, etag) pairs to score, in deterministic chunks.
 
     New images are those no model version has scored yet; with ``rescore``, every pair that
@@ -209,15 +235,26 @@ def pending_chunks(storage_uri: str, version: str, chunk_size: int,
     if not rescore:
         done |= scored_pairs(storage, None)
     pending = [p for p in listed if p not in done]
-    counts = {"incoming": len(listed), "already_scored": len(listed) - len(pending),
-              "to_score": len(pending)}
+    counts = {
+        "incoming": len(listed),
+        "already_scored": len(listed) - len(pending),
+        "to_score": len(pending),
+    }
     return plan_chunks(pending, chunk_size), counts
 
 
-def score_chunk(storage_uri: str, cache_dir: str, version: str, items: list[tuple[str, str]],
-                device: str = "auto", batch_size: int = 64, topk: int = 5,
-                num_workers: int = 0, tta: bool = False,
-                low_confidence: float = 0.5) -> dict:
+def score_chunk(
+    storage_uri: str,
+    cache_dir: str,
+    version: str,
+    items: list[tuple[str, str]],
+    device: str = "auto",
+    batch_size: int = 64,
+    topk: int = 5,
+    num_workers: int = 0,
+    tta: bool = False,
+    low_confidence: float = 0.5,
+) -> dict:
     """Scores one chunk and writes ``predictions/<version>/<chunk_id>.parquet`` atomically
     (the same chunk always gets the same name, so a retry replaces, never duplicates)."""
     storage = open_storage(storage_uri)
@@ -232,7 +269,11 @@ def score_chunk(storage_uri: str, cache_dir: str, version: str, items: list[tupl
     probs, ok = loaded.predict_proba(paths, batch_size, num_workers, tta=tta)
     frame = predictions_frame(loaded, items, probs, ok, errors, topk, low_confidence)
     key = write_predictions(storage, version, cid, frame)
-    return {"chunk_id": cid, "key": key, "images": len(items),
-            "failed": int((frame["status"] != "ok").sum()),
-            "low_confidence": int(frame["low_confidence"].fillna(False).astype(bool).sum()),
-            "per_class": frame["label"].value_counts().to_dict()}
+    return {
+        "chunk_id": cid,
+        "key": key,
+        "images": len(items),
+        "failed": int((frame["status"] != "ok").sum()),
+        "low_confidence": int(frame["low_confidence"].fillna(False).astype(bool).sum()),
+        "per_class": frame["label"].value_counts().to_dict(),
+    }

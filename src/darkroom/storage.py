@@ -74,8 +74,9 @@ class Storage:
     def read_bytes(self, key: str) -> bytes:
         raise NotImplementedError
 
-    def write_bytes(self, key: str, data: bytes, *, if_match: str | None = None,
-                    if_none_match: bool = False) -> str:
+    def write_bytes(
+        self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> str:
         """Writes ``data`` atomically and returns the new etag. Refuses the user's sources.
 
         Args:
@@ -263,8 +264,8 @@ class S3Storage(Storage):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         # boto3 reads AWS_ENDPOINT_URL and the credential chain itself.
         self.client = client or boto3.client(
-            "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                                max_pool_connections=32)
+            "s3",
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
         )
 
     def _key(self, key: str) -> str:
@@ -272,7 +273,7 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _rel(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1:] if self.prefix else full_key
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
     def _errors(self):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -288,8 +289,12 @@ class S3Storage(Storage):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/"):
                         continue  # folder markers made by consoles
-                    yield ObjectInfo(self._rel(obj["Key"]), obj["Size"], obj["ETag"].strip('"'),
-                                     obj["LastModified"])
+                    yield ObjectInfo(
+                        self._rel(obj["Key"]),
+                        obj["Size"],
+                        obj["ETag"].strip('"'),
+                        obj["LastModified"],
+                    )
         except ClientError as e:
             raise StorageError(f"cannot list {self.uri}/{prefix}: {e}") from e
 
@@ -327,8 +332,9 @@ class S3Storage(Storage):
             extra["IfNoneMatch"] = "*"
         try:
             # One PUT of the whole object: readers see the old or the new, never half.
-            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                          **extra)
+            resp = self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, **extra
+            )
         except ClientError as e:
             code = e.response["Error"]["Code"]
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):

@@ -189,9 +189,13 @@ def local_paths(storage: Storage, rows, cache_dir: str | Path) -> list[str]:
     """Local files for index rows (key, etag, bytes): from the labeled/ manifest, fetching
     whatever is missing or stale (a worker that never synced fetches what it needs)."""
     manifest = load_manifest(Path(cache_dir), "labeled/")
-    missing = [ObjectInfo(r.key, int(r.bytes), r.etag, datetime.now(UTC))
-               for r in rows.itertuples() if manifest.get(r.key, None) is None
-               or manifest[r.key].etag != r.etag or not Path(manifest[r.key].path).exists()]
+    missing = [
+        ObjectInfo(r.key, int(r.bytes), r.etag, datetime.now(UTC))
+        for r in rows.itertuples()
+        if manifest.get(r.key, None) is None
+        or manifest[r.key].etag != r.etag
+        or not Path(manifest[r.key].path).exists()
+    ]
     if missing:
         manifest = {**manifest, **fetch_objects(storage, missing, Path(cache_dir))}
     lost = [k for k in rows["key"] if k not in manifest]

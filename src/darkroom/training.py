@@ -55,11 +55,18 @@ def rng_state() -> dict:
     reads it back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "cached": cached},
-            "python": [version, list(internal), gauss]}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+        "python": [version, list(internal), gauss],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -67,8 +74,9 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -80,17 +88,32 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def make_loader(paths: Sequence[str], labels: Sequence[int] | None, transform, batch_size: int,
-                *, shuffle: bool, num_workers: int = 0, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(
+    paths: Sequence[str],
+    labels: Sequence[int] | None,
+    transform,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(paths, labels, transform), batch_size=batch_size,
-                      shuffle=shuffle, num_workers=num_workers, generator=generator,
-                      pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        ImageDataset(paths, labels, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
 
 
 # ---- pieces of the recipe -------------------------------------------------------------------
+
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype on CUDA (None: full precision, always so on a CPU)."""
@@ -106,8 +129,9 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+    )
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -119,8 +143,9 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
 
 
 def build_criterion(cfg: TrainConfig, labels: Sequence[int], num_classes: int, device):
-    weight = class_weights(labels, num_classes).to(device) \
-        if cfg.class_weights == "balanced" else None
+    weight = (
+        class_weights(labels, num_classes).to(device) if cfg.class_weights == "balanced" else None
+    )
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
@@ -178,8 +203,16 @@ def to_device(images, labels, device, opts: StepOptions):
     return images, labels.to(device, non_blocking=True)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, device,
-                    opts: StepOptions | None = None, scaler=None) -> dict:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    criterion,
+    device,
+    opts: StepOptions | None = None,
+    scaler=None,
+) -> dict:
     """One pass over ``loader``; an optimizer (and scheduler) step every ``opts.accum``
     batches.
 
@@ -200,11 +233,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device,
             y_a, y_b, lam = labels, labels, 1.0
         with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
             logits = model(images)
-            loss = criterion(logits, y_a) if lam == 1.0 else \
-                lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)
+            loss = (
+                criterion(logits, y_a)
+                if lam == 1.0
+                else lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)
+            )
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at lr {scheduler.get_last_lr()[0]:.2e}:"
-                                " lower the lr or check the data")
+            raise NonFiniteLoss(
+                f"loss became {loss.item()} at lr {scheduler.get_last_lr()[0]:.2e}:"
+                " lower the lr or check the data"
+            )
         scaler.scale(loss / opts.accum).backward()
         if (i + 1) % opts.accum == 0 or i + 1 == n_batches:
             scaler.step(optimizer)
@@ -222,8 +260,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, device,
 
 
 @torch.no_grad()
-def predict_proba(model, loader, device, opts: StepOptions | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def predict_proba(
+    model, loader, device, opts: StepOptions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and the loader's labels, in loader order."""
     opts = opts or StepOptions()
     model.eval()
@@ -239,23 +278,32 @@ def predict_proba(model, loader, device, opts: StepOptions | None = None
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model, loader, criterion, device, opts: StepOptions | None = None
-             ) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model, loader, criterion, device, opts: StepOptions | None = None
+) -> tuple[dict, np.ndarray]:
     """Unweighted, unsmoothed cross-entropy (the validation loss early stopping watches),
     accuracy and macro F1."""
     probs, labels = predict_proba(model, loader, device, opts)
     logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
     loss = torch.nn.functional.nll_loss(logp, torch.from_numpy(labels), reduction="sum").item()
     pred = probs.argmax(1)
-    stats = _epoch_stats(loss, int((pred == labels).sum()), len(labels),
-                         [torch.from_numpy(pred)], [torch.from_numpy(labels)])
+    stats = _epoch_stats(
+        loss,
+        int((pred == labels).sum()),
+        len(labels),
+        [torch.from_numpy(pred)],
+        [torch.from_numpy(labels)],
+    )
     return stats, probs
 
 
 def _epoch_stats(loss_sum, correct, total, preds, targets) -> dict:
     y_pred, y_true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
-    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1),
-            "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+    return {
+        "loss": loss_sum / max(total, 1),
+        "accuracy": correct / max(total, 1),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
 
 
 def local_weights(cfg: TrainConfig) -> TrainConfig:
@@ -279,6 +327,7 @@ def local_weights(cfg: TrainConfig) -> TrainConfig:
 
 # ---- one fold -------------------------------------------------------------------------------
 
+
 @dataclass
 class FoldResult:
     model: torch.nn.Module
@@ -294,10 +343,17 @@ class FoldResult:
 
 
 def fit(
-    train_paths: Sequence[str], train_labels: Sequence[int],
-    val_paths: Sequence[str], val_labels: Sequence[int],
-    num_classes: int, cfg: TrainConfig, *, device: torch.device, num_workers: int = 0,
-    on_epoch: Callable[[dict], None] | None = None, checkpoint: Checkpointer | None = None,
+    train_paths: Sequence[str],
+    train_labels: Sequence[int],
+    val_paths: Sequence[str],
+    val_labels: Sequence[int],
+    num_classes: int,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> FoldResult:
     """Trains a model on the train rows, validating each epoch; keeps the best epoch.
 
@@ -312,14 +368,30 @@ def fit(
     batch, accum = cfg.batch_size, cfg.grad_accum_steps
     while True:
         try:
-            return _fit(train_paths, train_labels, val_paths, val_labels, num_classes, cfg,
-                        device, num_workers, on_epoch, checkpoint, batch, accum)
+            return _fit(
+                train_paths,
+                train_labels,
+                val_paths,
+                val_labels,
+                num_classes,
+                cfg,
+                device,
+                num_workers,
+                on_epoch,
+                checkpoint,
+                batch,
+                accum,
+            )
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
             batch, accum = batch // 2, accum * 2
-            log.warning("CUDA out of memory: retrying from the last checkpoint with batch size "
-                        "%d x %d accumulation steps", batch, accum)
+            log.warning(
+                "CUDA out of memory: retrying from the last checkpoint with batch size "
+                "%d x %d accumulation steps",
+                batch,
+                accum,
+            )
             release_memory()
 
 
@@ -332,31 +404,58 @@ class _Best:
     bad_epochs: int = 0
 
 
-def _fit(train_paths, train_labels, val_paths, val_labels, num_classes, cfg, device,
-         num_workers, on_epoch, checkpoint, batch, accum) -> FoldResult:
+def _fit(
+    train_paths,
+    train_labels,
+    val_paths,
+    val_labels,
+    num_classes,
+    cfg,
+    device,
+    num_workers,
+    on_epoch,
+    checkpoint,
+    batch,
+    accum,
+) -> FoldResult:
     seed_everything(cfg.seed)
     saved = checkpoint.load() if checkpoint else None
     if saved and saved["batch_size"] < batch:  # an earlier attempt ran out of memory
         batch, accum = saved["batch_size"], saved["grad_accum_steps"]
     model = create_model(local_weights(cfg), num_classes).to(device)
     mean, std = mean_std(model)
-    opts = StepOptions(amp=amp_dtype(cfg, device), accum=accum,
-                       channels_last=cfg.channels_last and device.type == "cuda",
-                       cfg=cfg if cfg.mixup_prob + cfg.cutmix_prob > 0 else None)
+    opts = StepOptions(
+        amp=amp_dtype(cfg, device),
+        accum=accum,
+        channels_last=cfg.channels_last and device.type == "cuda",
+        cfg=cfg if cfg.mixup_prob + cfg.cutmix_prob > 0 else None,
+    )
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A last batch of one breaks BatchNorm in train mode; drop it when it would happen.
-    train_loader = make_loader(train_paths, train_labels,
-                               build_transform(cfg.image_size, mean, std, cfg.augment), batch,
-                               shuffle=True, num_workers=num_workers, seed=cfg.seed,
-                               drop_last=len(train_paths) % batch == 1)
-    val_loader = make_loader(val_paths, val_labels,
-                             build_transform(cfg.image_size, mean, std, "none"), batch,
-                             shuffle=False, num_workers=num_workers)
+    train_loader = make_loader(
+        train_paths,
+        train_labels,
+        build_transform(cfg.image_size, mean, std, cfg.augment),
+        batch,
+        shuffle=True,
+        num_workers=num_workers,
+        seed=cfg.seed,
+        drop_last=len(train_paths) % batch == 1,
+    )
+    val_loader = make_loader(
+        val_paths,
+        val_labels,
+        build_transform(cfg.image_size, mean, std, "none"),
+        batch,
+        shuffle=False,
+        num_workers=num_workers,
+    )
     optimizer = build_optimizer(cfg, model.parameters())
     steps = max(1, cfg.epochs * math.ceil(len(train_loader) / accum))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps,
-                                                           eta_min=cfg.lr_min)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=steps, eta_min=cfg.lr_min
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp == torch.float16)
     criterion = build_criterion(cfg, train_labels, num_classes, device)
     best, history, start = _Best(), [], 0
@@ -366,17 +465,33 @@ def _fit(train_paths, train_labels, val_paths, val_labels, num_classes, cfg, dev
     runner = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     stopped_early = False
     for epoch in range(start, cfg.epochs):
-        if best.bad_epochs and cfg.early_stopping_patience and \
-                best.bad_epochs >= cfg.early_stopping_patience:
+        if (
+            best.bad_epochs
+            and cfg.early_stopping_patience
+            and best.bad_epochs >= cfg.early_stopping_patience
+        ):
             stopped_early = True
             break
-        row, probs = _run_epoch(runner, model, epoch, cfg, train_loader, val_loader, optimizer,
-                                scheduler, scaler, criterion, device, opts)
+        row, probs = _run_epoch(
+            runner,
+            model,
+            epoch,
+            cfg,
+            train_loader,
+            val_loader,
+            optimizer,
+            scheduler,
+            scaler,
+            criterion,
+            device,
+            opts,
+        )
         history.append(row)
         _track_best(best, row, probs, model, epoch, has_val=len(val_paths) > 0)
         if checkpoint:
-            checkpoint.save(_state(epoch, model, optimizer, scheduler, scaler, best, history,
-                                   batch, accum))
+            checkpoint.save(
+                _state(epoch, model, optimizer, scheduler, scaler, best, history, batch, accum)
+            )
         if on_epoch:
             on_epoch(row)
     for loader in (train_loader, val_loader):
@@ -386,9 +501,18 @@ def _fit(train_paths, train_labels, val_paths, val_labels, num_classes, cfg, dev
     if opts.channels_last:  # callers save and serve the model in the default layout
         model = model.to(memory_format=torch.contiguous_format)
     probs = best.probs if best.probs is not None else np.zeros((0, num_classes), np.float32)
-    return FoldResult(model=model, best_epoch=best.epoch, history=history, val_probs=probs,
-                      mean=mean, std=std, resumed_from_epoch=start, batch_size=batch,
-                      grad_accum_steps=accum, stopped_early=stopped_early)
+    return FoldResult(
+        model=model,
+        best_epoch=best.epoch,
+        history=history,
+        val_probs=probs,
+        mean=mean,
+        std=std,
+        resumed_from_epoch=start,
+        batch_size=batch,
+        grad_accum_steps=accum,
+        stopped_early=stopped_early,
+    )
 
 
 def _stop_workers(loader: DataLoader) -> None:
@@ -400,8 +524,20 @@ def _stop_workers(loader: DataLoader) -> None:
         loader._iterator = None
 
 
-def _run_epoch(runner, model, epoch, cfg, train_loader, val_loader, optimizer, scheduler,
-               scaler, criterion, device, opts) -> tuple[dict, np.ndarray | None]:
+def _run_epoch(
+    runner,
+    model,
+    epoch,
+    cfg,
+    train_loader,
+    val_loader,
+    optimizer,
+    scheduler,
+    scaler,
+    criterion,
+    device,
+    opts,
+) -> tuple[dict, np.ndarray | None]:
     t0 = time.perf_counter()
     frozen = epoch < cfg.freeze_backbone_epochs
     set_backbone_trainable(model, not frozen)
@@ -410,16 +546,23 @@ def _run_epoch(runner, model, epoch, cfg, train_loader, val_loader, optimizer, s
     model.train()
     if frozen:
         _freeze_batchnorm(model)
-    tr = train_one_epoch(runner, train_loader, optimizer, scheduler, criterion, device, opts,
-                         scaler)
-    row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "frozen_backbone": frozen,
-           **{f"train_{k}": v for k, v in tr.items()}}
+    tr = train_one_epoch(
+        runner, train_loader, optimizer, scheduler, criterion, device, opts, scaler
+    )
+    row = {
+        "epoch": epoch,
+        "lr": scheduler.get_last_lr()[0],
+        "frozen_backbone": frozen,
+        **{f"train_{k}": v for k, v in tr.items()},
+    }
     probs = None
     if len(val_loader.dataset):
         va, probs = evaluate(runner, val_loader, criterion, device, opts)
         if not math.isfinite(va["loss"]) or not np.isfinite(probs).all():
-            raise NonFiniteLoss(f"validation loss became {va['loss']} in epoch {epoch}: lower "
-                                "the lr or check the data")
+            raise NonFiniteLoss(
+                f"validation loss became {va['loss']} in epoch {epoch}: lower "
+                "the lr or check the data"
+            )
         row.update({f"val_{k}": v for k, v in va.items()})
     row["seconds"] = time.perf_counter() - t0
     return row, probs
@@ -434,18 +577,28 @@ def _track_best(best: _Best, row: dict, probs, model, epoch: int, has_val: bool)
     best.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _state(epoch, model, optimizer, scheduler, scaler, best: _Best, history, batch, accum
-           ) -> dict:
+def _state(epoch, model, optimizer, scheduler, scaler, best: _Best, history, batch, accum) -> dict:
     """A checkpoint that ``torch.load(weights_only=True)`` can read: tensors, numbers, lists,
     dicts and strings only."""
     same = best.epoch == epoch  # the best weights are the current ones: store them once
-    return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(), "history": history, "batch_size": batch,
-            "grad_accum_steps": accum,
-            "best": {"loss": best.loss, "epoch": best.epoch, "bad_epochs": best.bad_epochs,
-                     "state": None if same else best.state,
-                     "probs": None if best.probs is None else torch.from_numpy(best.probs)}}
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "history": history,
+        "batch_size": batch,
+        "grad_accum_steps": accum,
+        "best": {
+            "loss": best.loss,
+            "epoch": best.epoch,
+            "bad_epochs": best.bad_epochs,
+            "state": None if same else best.state,
+            "probs": None if best.probs is None else torch.from_numpy(best.probs),
+        },
+    }
 
 
 def _restore(saved: dict, model, optimizer, scheduler, scaler) -> tuple[int, list, _Best]:
@@ -456,8 +609,16 @@ def _restore(saved: dict, model, optimizer, scheduler, scaler) -> tuple[int, lis
         scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"])
     b = saved["best"]
-    state = b["state"] if b["state"] is not None else \
-        {k: v.detach().clone() for k, v in model.state_dict().items()}
-    best = _Best(loss=b["loss"], epoch=b["epoch"], state=state, bad_epochs=b["bad_epochs"],
-                 probs=None if b["probs"] is None else b["probs"].numpy())
+    state = (
+        b["state"]
+        if b["state"] is not None
+        else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    )
+    best = _Best(
+        loss=b["loss"],
+        epoch=b["epoch"],
+        state=state,
+        bad_epochs=b["bad_epochs"],
+        probs=None if b["probs"] is None else b["probs"].numpy(),
+    )
     return saved["epoch"] + 1, list(saved["history"]), best

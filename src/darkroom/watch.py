@@ -52,17 +52,23 @@ def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], dict]:
     scored = scored_pairs(storage, None)
     announced = read_announced(storage)
     new = [p for p in listed if p not in scored and p not in announced]
-    return new, {"incoming": len(listed), "scored": len(scored & set(listed)),
-                 "announced": len(announced & set(listed)), "new": len(new),
-                 "champion": champion["version"] if champion else None}
+    return new, {
+        "incoming": len(listed),
+        "scored": len(scored & set(listed)),
+        "announced": len(announced & set(listed)),
+        "new": len(new),
+        "champion": champion["version"] if champion else None,
+    }
 
 
 def mark_announced(storage: Storage, pairs: list[tuple[str, str]]) -> None:
     """Adds ``pairs`` to the state, keeping only pairs still under ``incoming/``."""
     present = {(o.key, o.etag) for o in storage.list(INCOMING)}
     keep = sorted((read_announced(storage) | set(pairs)) & present)
-    storage.write_text(STATE, json.dumps({"updated_at": datetime.now(UTC).isoformat(),
-                                          "pairs": [list(p) for p in keep]}))
+    storage.write_text(
+        STATE,
+        json.dumps({"updated_at": datetime.now(UTC).isoformat(), "pairs": [list(p) for p in keep]}),
+    )
 
 
 def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:
@@ -76,7 +82,10 @@ def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:
     new, counts = new_arrivals(storage)
     if not new or counts["champion"] is None:  # nothing to score with yet: wait, keep them new
         return {**counts, "emitted": False}
-    emit(event=ARRIVED, resource={"prefect.resource.id": resource_id(storage)},
-         payload={"count": len(new), "storage": storage.uri, "keys": [k for k, _ in new[:20]]})
+    emit(
+        event=ARRIVED,
+        resource={"prefect.resource.id": resource_id(storage)},
+        payload={"count": len(new), "storage": storage.uri, "keys": [k for k, _ in new[:20]]},
+    )
     mark_announced(storage, new)
     return {**counts, "emitted": True}

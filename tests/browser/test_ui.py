@@ -18,8 +18,14 @@ pytestmark = pytest.mark.slow
 
 OUTPUT = Path(__file__).parent / "output"
 CHROMIUM = os.environ.get("DARKROOM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -27,8 +33,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def browser():
     if not Path(CHROMIUM).exists():
         if IN_CI:
-            pytest.fail(f"no Chromium at {CHROMIUM}: .ci/run installs it (apt-get install "
-                        "chromium)")
+            pytest.fail(
+                f"no Chromium at {CHROMIUM}: .ci/run installs it (apt-get install chromium)"
+            )
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
@@ -52,12 +59,16 @@ def page(browser):
 
 
 def test_the_ui_shows_the_deployment_its_schedule_a_run_and_its_artifacts(
-        page, request, tmp_path_factory):
+    page, request, tmp_path_factory
+):
     service = shared_service(request, tmp_path_factory)
     run = service.retrained()  # a manual run of nightly-retrain, completed
     OUTPUT.mkdir(exist_ok=True)
-    (nightly,) = [d for d in service.post("/deployments/filter", {"limit": 50})
-                  if d["name"] == "nightly-retrain"]
+    (nightly,) = [
+        d
+        for d in service.post("/deployments/filter", {"limit": 50})
+        if d["name"] == "nightly-retrain"
+    ]
 
     page.goto(f"{service.ui}/deployments")
     page.get_by_text("nightly-retrain").first.wait_for()

@@ -36,8 +36,10 @@ def validated(name: str) -> dict:
 
 
 def triggers(name: str) -> list:
-    specs = [{"name": f"{name}__automation_{i}", **t}
-             for i, t in enumerate(BY_NAME[name].get("triggers") or [], 1)]
+    specs = [
+        {"name": f"{name}__automation_{i}", **t}
+        for i, t in enumerate(BY_NAME[name].get("triggers") or [], 1)
+    ]
     return [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in specs]
 
 
@@ -93,8 +95,12 @@ def test_score_new_images_rescores_after_a_promotion_when_configured():
     assert promotion.expect == {"darkroom.model.promoted"}
     assert promotion.enabled is DEFS["rescore_on_promotion"]
     assert promotion.parameters == {"rescore": True}
-    assert flow_of("score-new-images").validate_parameters(
-        {**BY_NAME["score-new-images"]["parameters"], **promotion.parameters})["rescore"] is True
+    assert (
+        flow_of("score-new-images").validate_parameters(
+            {**BY_NAME["score-new-images"]["parameters"], **promotion.parameters}
+        )["rescore"]
+        is True
+    )
 
 
 def test_score_new_images_has_an_hourly_safety_net_and_valid_parameters():
@@ -108,13 +114,18 @@ def test_watch_incoming_runs_every_few_minutes():
     (schedule,) = BY_NAME["watch-incoming"]["schedules"]
     assert schedule["interval"] == DEFS["watch_every_seconds"]
     assert 30 <= schedule["interval"] <= 15 * 60
-    assert isinstance(flow_of("watch-incoming").validate_parameters(
-        {"config": {"storage": "s3://bucket/x"}})["config"], WatchConfig)
+    assert isinstance(
+        flow_of("watch-incoming").validate_parameters({"config": {"storage": "s3://bucket/x"}})[
+            "config"
+        ],
+        WatchConfig,
+    )
     assert validated("watch-incoming") == {"config": None}  # storage: DARKROOM_STORAGE
 
 
-@pytest.mark.parametrize("overrides", [{}, {"timezone": "Europe/Berlin", "watch_every": 60,
-                                            "demo": True}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"timezone": "Europe/Berlin", "watch_every": 60, "demo": True}]
+)
 def test_darkroom_serve_builds_the_same_deployments(overrides):
     served = {d.name: d for d in build_deployments(SPEC, **overrides)}
     assert set(served) == set(BY_NAME)
@@ -133,5 +144,6 @@ def test_darkroom_serve_builds_the_same_deployments(overrides):
     assert every == timedelta(seconds=overrides.get("watch_every", DEFS["watch_every_seconds"]))
     if overrides.get("demo"):  # trains in minutes on a CPU, without downloading weights
         config = flow_of("nightly-retrain").validate_parameters(
-            served["nightly-retrain"].parameters)["config"]
+            served["nightly-retrain"].parameters
+        )["config"]
         assert config.train.image_size == 32 and not config.train.pretrained

@@ -66,9 +66,18 @@ def test_a_replaced_image_is_new_and_scored_images_are_not(local_storage):
     add(local_storage, "a", "b", "c")
     # "c" was scored by an earlier model: a plain scoring run would skip it, so it is not new.
     etag_c = local_storage.etag("incoming/c.png")
-    row = {"key": "incoming/c.png", "etag": etag_c, "label": "x", "confidence": 0.9,
-           "topk_labels": ["x"], "topk_probs": [0.9], "model_version": "v1",
-           "scored_at": pd.Timestamp.now(tz="UTC"), "status": "ok", "error": ""}
+    row = {
+        "key": "incoming/c.png",
+        "etag": etag_c,
+        "label": "x",
+        "confidence": 0.9,
+        "topk_labels": ["x"],
+        "topk_probs": [0.9],
+        "model_version": "v1",
+        "scored_at": pd.Timestamp.now(tz="UTC"),
+        "status": "ok",
+        "error": "",
+    }
     frame = pd.DataFrame([{f.name: row.get(f.name) for f in PREDICTION_SCHEMA}])
     frame = pa.Table.from_pandas(frame, schema=PREDICTION_SCHEMA, preserve_index=False).to_pandas()
     write_predictions(local_storage, "v1", "chunk", frame)
@@ -79,8 +88,11 @@ def test_a_replaced_image_is_new_and_scored_images_are_not(local_storage):
     path = local_storage.local_path("incoming/a.png")
     path.write_bytes(png_bytes(7, size=20))
     check_incoming(local_storage, emit)
-    assert emit.events[-1]["payload"] == {"count": 1, "storage": local_storage.uri,
-                                          "keys": ["incoming/a.png"]}
+    assert emit.events[-1]["payload"] == {
+        "count": 1,
+        "storage": local_storage.uri,
+        "keys": ["incoming/a.png"],
+    }
     # the state keeps only pairs still under incoming/ (the old a.png etag is gone)
     state = json.loads(local_storage.read_text(STATE))
     assert len(state["pairs"]) == 2 and all(k != "incoming/c.png" for k, _ in state["pairs"])

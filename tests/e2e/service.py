@@ -22,9 +22,19 @@ from darkroom.storage import LocalStorage
 from tests.conftest import write_digits
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_RETRAIN = {"num_workers": 0, "train": {
-    "backbone": "test_resnet", "image_size": 32, "batch_size": 32, "epochs": 2, "lr": 0.002,
-    "lr_min": 0.00001, "folds": 2, "augment": "none"}}
+TINY_RETRAIN = {
+    "num_workers": 0,
+    "train": {
+        "backbone": "test_resnet",
+        "image_size": 32,
+        "batch_size": 32,
+        "epochs": 2,
+        "lr": 0.002,
+        "lr_min": 0.00001,
+        "folds": 2,
+        "augment": "none",
+    },
+}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -42,12 +52,18 @@ class Service:
         self.ui = f"http://127.0.0.1:{self.port}"
         self.storage = LocalStorage(tmp / "bucket")
         self.log = tmp / "serve.log"
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("PREFECT_API_", "PREFECT_UI_", "PREFECT_PROFILE"))}
-        self.env.update(PREFECT_HOME=str(tmp / "prefect-home"),
-                        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                        PREFECT_RUNNER_POLL_FREQUENCY="1", DARKROOM_CACHE=str(tmp / "cache"),
-                        PYTHONUNBUFFERED="1")
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_API_", "PREFECT_UI_", "PREFECT_PROFILE"))
+        }
+        self.env.update(
+            PREFECT_HOME=str(tmp / "prefect-home"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            DARKROOM_CACHE=str(tmp / "cache"),
+            PYTHONUNBUFFERED="1",
+        )
         self.proc: subprocess.Popen | None = None
         self.server_pid: int | None = None
         self.retrain_run: dict | None = None
@@ -56,11 +72,27 @@ class Service:
 
     def start(self, timeout: float = 150) -> Service:
         # The watcher's schedule is long: the tests run it by hand.
-        cmd = [sys.executable, "-m", "darkroom.cli", "serve", "--port", str(self.port),
-               "--storage", self.storage.uri, "--watch-every", "3600"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "darkroom.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--storage",
+            self.storage.uri,
+            "--watch-every",
+            "3600",
+        ]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text(errors="replace")
@@ -103,8 +135,9 @@ class Service:
         """The prefect CLI against this server (what an operator types)."""
         prefect = str(Path(sys.executable).with_name("prefect"))
         env = {**self.env, "PREFECT_API_URL": self.api, "DARKROOM_HOME": str(ROOT)}
-        out = subprocess.run([prefect, *args], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            [prefect, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
         if not check:
             return out
         assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
@@ -127,17 +160,23 @@ class Service:
         raise TimeoutError(f"flow run {run_id} did not finish:\n{self.tail()}")
 
     def flow_runs(self, flow_name: str) -> list[dict]:
-        return self.post("/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}},
-                                               "sort": "EXPECTED_START_TIME_ASC",
-                                               "limit": 100})
+        return self.post(
+            "/flow_runs/filter",
+            {
+                "flows": {"name": {"any_": [flow_name]}},
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": 100,
+            },
+        )
 
     def retrained(self) -> dict:
         """Once per session: digits under labeled/, then a manual run of the nightly-retrain
         deployment from the CLI (`prefect deployment run`) with a tiny config."""
         if self.retrain_run is None:
             write_digits(self.storage, classes=("0", "1", "2"), per_class=24)
-            run_id = self.run_deployment("nightly-retrain/nightly-retrain",
-                                         {"config": TINY_RETRAIN})
+            run_id = self.run_deployment(
+                "nightly-retrain/nightly-retrain", {"config": TINY_RETRAIN}
+            )
             run = self.wait_run(run_id)
             assert run["state_type"] == "COMPLETED", self.tail()
             self.retrain_run = run

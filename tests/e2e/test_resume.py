@@ -23,24 +23,54 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _retrain(storage, tmp_path, *extra: str, epochs: int = 12) -> list[str]:
-    return [sys.executable, "-m", "darkroom.cli", "retrain", "--storage", storage.uri,
-            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--backbone",
-            "test_resnet", "--image-size", "32", "--folds", "2", "--epochs", str(epochs),
-            "--batch-size", "8", "--lr", "2e-3", "--lr-min", "1e-5", "--augment", "none", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "darkroom.cli",
+        "retrain",
+        "--storage",
+        storage.uri,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+        "--backbone",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--folds",
+        "2",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--lr-min",
+        "1e-5",
+        "--augment",
+        "none",
+        *extra,
+    ]
 
 
 def _env(tmp_path) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DARKROOM_CACHE": str(tmp_path / "dc")}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DARKROOM_CACHE": str(tmp_path / "dc"),
+    }
     env.pop("PREFECT_API_URL", None)  # each run on its own temporary local server
     return env
 
 
 def _run(cmd, tmp_path) -> dict:
-    done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout[done.stdout.index("{"):])
+    return json.loads(done.stdout[done.stdout.index("{") :])
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
@@ -54,8 +84,9 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
 
 
 def _version(storage) -> str:
-    return next(o.key.split("/")[1] for o in storage.list("models/")
-                if o.key.endswith("folds/0/fold.json"))
+    return next(
+        o.key.split("/")[1] for o in storage.list("models/") if o.key.endswith("folds/0/fold.json")
+    )
 
 
 def test_killed_run_resumes_and_an_unchanged_rerun_trains_nothing(local_storage, tmp_path):
@@ -64,20 +95,29 @@ def test_killed_run_resumes_and_an_unchanged_rerun_trains_nothing(local_storage,
 
     def fold1_checkpointed() -> bool:
         if not fold1:
-            fold1.extend(o.key for o in local_storage.list("models/")
-                         if o.key.endswith("folds/1/checkpoint.pt"))
+            fold1.extend(
+                o.key
+                for o in local_storage.list("models/")
+                if o.key.endswith("folds/1/checkpoint.pt")
+            )
         return bool(fold1)
 
-    proc = subprocess.Popen(_retrain(local_storage, tmp_path), cwd=REPO, env=_env(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _retrain(local_storage, tmp_path),
+        cwd=REPO,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _kill_when(proc, fold1_checkpointed)
 
     version = _version(local_storage)
     key = f"models/{version}/folds/"
     assert not local_storage.exists(key + "1/fold.json"), "fold 1 finished before the kill"
-    saved = torch.load(io.BytesIO(local_storage.read_bytes(key + "1/checkpoint.pt")),
-                       weights_only=True)
+    saved = torch.load(
+        io.BytesIO(local_storage.read_bytes(key + "1/checkpoint.pt")), weights_only=True
+    )
     fold0 = local_storage.read_bytes(key + "0/fold.json")
 
     out = _run(_retrain(local_storage, tmp_path), tmp_path)
@@ -92,8 +132,9 @@ def test_killed_run_resumes_and_an_unchanged_rerun_trains_nothing(local_storage,
     again = _run(_retrain(local_storage, tmp_path), tmp_path)
     assert again["skipped"] and again["version"] == version
 
-    changed = _run(_retrain(local_storage, tmp_path, "--label-smoothing", "0.1", epochs=2),
-                   tmp_path)
+    changed = _run(
+        _retrain(local_storage, tmp_path, "--label-smoothing", "0.1", epochs=2), tmp_path
+    )
     assert not changed["skipped"] and changed["version"] != version
     assert local_storage.exists(f"models/{changed['version']}/folds/1/fold.json")
 
@@ -103,8 +144,9 @@ def test_non_finite_loss_fails_the_run_and_promotes_nothing(local_storage, tmp_p
     cmd = _retrain(local_storage, tmp_path, epochs=3)
     cmd[cmd.index("--lr") + 1], cmd[cmd.index("--lr-min") + 1] = "1e30", "1e29"
     cmd[cmd.index("--batch-size") + 1] = "4"
-    done = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode != 0
     assert "NonFiniteLoss" in done.stderr and "lower the lr" in done.stderr
     assert not local_storage.exists("models/champion.json")

@@ -28,8 +28,10 @@ def _train(storage, cache, seed: int) -> str:
     pipeline.sync_labeled(storage.uri, str(cache))
     snap = pipeline.rebuild_index(storage.uri, str(cache), cfg.folds, cfg.seed, 0.1)["snapshot"]
     version = registry.new_version(snap, cfg.fingerprint())
-    folds = [pipeline.train_fold(storage.uri, str(cache), snap, k, version, cfg, "cpu")
-             for k in range(cfg.folds)]
+    folds = [
+        pipeline.train_fold(storage.uri, str(cache), snap, k, version, cfg, "cpu")
+        for k in range(cfg.folds)
+    ]
     pipeline.finalize_candidate(storage.uri, version, snap, folds, cfg)
     return version
 
@@ -44,15 +46,34 @@ def scored_root(local_storage, cache_dir):
 
 
 def _score(storage, cache, tmp_path) -> subprocess.Popen:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     # One image per chunk: many small tasks, so the run is still going when we interfere.
     return subprocess.Popen(
-        [sys.executable, "-m", "darkroom.cli", "score", "--storage", storage.uri, "--cache-dir",
-         str(cache), "--chunk-size", "1", "--device", "cpu"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "darkroom.cli",
+            "score",
+            "--storage",
+            storage.uri,
+            "--cache-dir",
+            str(cache),
+            "--chunk-size",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _wait_for_files(storage, version, n: int, proc, timeout=120.0) -> int:
@@ -99,8 +120,14 @@ def test_a_promotion_during_a_run_does_not_change_its_version(scored_root, tmp_p
     proc = _score(storage, cache, tmp_path)
     _wait_for_files(storage, champion, 3, proc)
     _, etag = registry.read_champion(storage)
-    registry.promote(storage, challenger, expected_etag=etag, action="manual-promote",
-                     reason="promoted mid-run", previous=champion)
+    registry.promote(
+        storage,
+        challenger,
+        expected_etag=etag,
+        action="manual-promote",
+        reason="promoted mid-run",
+        previous=champion,
+    )
     out = _finish(proc)
     preds = read_predictions(storage, champion)
     assert len(preds) == INCOMING and set(preds["model_version"]) == {champion}

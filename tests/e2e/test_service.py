@@ -50,12 +50,14 @@ def test_serve_registers_the_three_deployments(service):
 def test_a_manual_retrain_shows_its_progress_metrics_and_decision(service):
     run = service.retrained()
     assert run["name"].startswith("retrain-test_resnet-2folds-2ep-")
-    tasks = service.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}},
-                                               "limit": 100})
+    tasks = service.post(
+        "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 100}
+    )
     names = {t["name"] for t in tasks}
     assert {"train-fold-0", "train-fold-1"} <= names
-    artifacts = service.post("/artifacts/filter", {"artifacts": {"flow_run_id": {
-        "any_": [run["id"]]}}, "limit": 100})
+    artifacts = service.post(
+        "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 100}
+    )
     by_type: dict[str, list] = {}
     for a in artifacts:
         by_type.setdefault(a["type"], []).append(a)
@@ -92,11 +94,13 @@ def test_new_images_and_the_watcher_start_a_scoring_run_from_the_event(service):
     version = __import__("json").loads(champion)["version"]
     preds = read_predictions(service.storage, version)
     assert set(preds["key"]) == incoming and (preds["status"] == "ok").all()
-    chunk_runs = service.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}},
-                                                    "limit": 50})
+    chunk_runs = service.post(
+        "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 50}
+    )
     assert any(t["name"].startswith("score-chunk-") for t in chunk_runs)
-    summary = service.post("/artifacts/filter", {"artifacts": {"key": {
-        "any_": ["scoring-summary"]}}, "limit": 5})
+    summary = service.post(
+        "/artifacts/filter", {"artifacts": {"key": {"any_": ["scoring-summary"]}}, "limit": 5}
+    )
     assert summary and "| 6 |" in summary[0]["data"].replace(" 6 |", "| 6 |")
 
     # Nothing new since: the next tick emits nothing and starts nothing.
@@ -131,8 +135,10 @@ def test_gpu_slots_never_exceed_the_gpus(service, monkeypatch, tmp_path):
             errors.append(e)
 
     with temporary_settings(updates={PREFECT_API_URL: service.api}):
-        threads = [threading.Thread(target=contextvars.copy_context().run, args=(fold, k))
-                   for k in range(4)]
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(fold, k))
+            for k in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -147,20 +153,35 @@ def test_prefect_deploy_registers_prefect_yaml_as_written(service):
     """The other way to run it: work pools + `prefect deploy --all` from the repo root."""
     for pool in ("darkroom-process", "darkroom-gpu"):
         service.prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
-    out = service.prefect("--no-prompt", "deploy", "--all", "--prefect-file",
-                          "deployments/prefect.yaml", timeout=240, check=False)
+    out = service.prefect(
+        "--no-prompt",
+        "deploy",
+        "--all",
+        "--prefect-file",
+        "deployments/prefect.yaml",
+        timeout=240,
+        check=False,
+    )
     if out.returncode != 0:
         # Known: this Prefect 3.8.8 + FastAPI pair answers 422 to the null limit of the
         # "active workers?" lookup that `prefect deploy` makes AFTER registering each
         # deployment (its triggers included), which ends --all after the first one. Deploy the
         # rest by name, allowing only that error.
         for name in ("nightly-retrain", "score-new-images", "watch-incoming"):
-            out = service.prefect("--no-prompt", "deploy", "--prefect-file",
-                                  "deployments/prefect.yaml", "-n", name, timeout=240,
-                                  check=False)
+            out = service.prefect(
+                "--no-prompt",
+                "deploy",
+                "--prefect-file",
+                "deployments/prefect.yaml",
+                "-n",
+                name,
+                timeout=240,
+                check=False,
+            )
             text = out.stdout + out.stderr
-            assert out.returncode == 0 or ("successfully created" in text and
-                                           "/workers/filter" in text and "422" in text), text
+            assert out.returncode == 0 or (
+                "successfully created" in text and "/workers/filter" in text and "422" in text
+            ), text
     deployments = {d["name"]: d for d in service.post("/deployments/filter", {"limit": 50})}
     nightly = deployments["nightly-retrain"]
     assert nightly["work_pool_name"] == "darkroom-gpu"
@@ -175,8 +196,11 @@ def test_prefect_deploy_registers_prefect_yaml_as_written(service):
     watch = deployments["watch-incoming"]
     assert watch["schedules"][0]["schedule"]["interval"] == 300
     automations = service.post("/automations/filter", {"limit": 50})
-    mine = [a for a in automations
-            if any(act.get("deployment_id") == score["id"] for act in a["actions"])]
+    mine = [
+        a
+        for a in automations
+        if any(act.get("deployment_id") == score["id"] for act in a["actions"])
+    ]
     by_event = {tuple(a["trigger"]["expect"]): a for a in mine}
     arrival = by_event[("darkroom.images.arrived",)]
     assert arrival["enabled"] and arrival["trigger"]["within"] == 120.0

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def _retrain(storage, cache_dir, **train):
-    return nightly_retrain(RetrainConfig(storage=storage.uri, cache_dir=str(cache_dir),
-                                         train=TINY.model_copy(update=train)))
+    return nightly_retrain(
+        RetrainConfig(
+            storage=storage.uri, cache_dir=str(cache_dir), train=TINY.model_copy(update=train)
+        )
+    )
 
 
 def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
@@ -37,9 +40,17 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     version = result["version"]
     champion = json.loads(local_storage.read_text("models/champion.json"))
     assert champion["version"] == version
-    for name in ("model.safetensors", "model.json", "metrics.json", "decision.json",
-                 "oof.parquet", "curves.png", "confusion.png", "folds/0/model.safetensors",
-                 "folds/1/fold.json"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "decision.json",
+        "oof.parquet",
+        "curves.png",
+        "confusion.png",
+        "folds/0/model.safetensors",
+        "folds/1/fold.json",
+    ):
         assert local_storage.exists(f"models/{version}/{name}"), name
     assert local_storage.read_bytes(f"models/{version}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads(local_storage.read_text(f"models/{version}/model.json"))
@@ -50,13 +61,25 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     assert len(oof) == result["index"]["summary"]["train"]  # every train row predicted once
     assert len(list(local_storage.list("models/promotions/"))) == 1
 
-    scored = score_new_images(ScoreConfig(storage=local_storage.uri, cache_dir=str(cache_dir),
-                                          chunk_size=3))
+    scored = score_new_images(
+        ScoreConfig(storage=local_storage.uri, cache_dir=str(cache_dir), chunk_size=3)
+    )
     assert scored["version"] == version and scored["scored"] == 7 and scored["chunks"] == 3
     preds = read_predictions(local_storage, version)
     assert set(preds["key"]) == incoming and len(preds) == 7
-    assert list(preds.columns) == ["key", "etag", "label", "confidence", "low_confidence", "topk_labels",
-                                   "topk_probs", "model_version", "scored_at", "status", "error"]
+    assert list(preds.columns) == [
+        "key",
+        "etag",
+        "label",
+        "confidence",
+        "low_confidence",
+        "topk_labels",
+        "topk_probs",
+        "model_version",
+        "scored_at",
+        "status",
+        "error",
+    ]
     assert (preds["status"] == "ok").all() and preds["topk_labels"].map(len).eq(3).all()
 
     again = score_new_images(ScoreConfig(storage=local_storage.uri, cache_dir=str(cache_dir)))
@@ -73,8 +96,7 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     assert {"fold-metrics", "promotion-decision", "scoring-summary"} <= keys
 
 
-def test_a_changed_config_trains_a_challenger_that_must_beat_the_champion(local_storage,
-                                                                          cache_dir):
+def test_a_changed_config_trains_a_challenger_that_must_beat_the_champion(local_storage, cache_dir):
     write_digits(local_storage, classes=("3", "4"), per_class=20)
     first = _retrain(local_storage, cache_dir)
     assert first["promoted"]
@@ -85,8 +107,10 @@ def test_a_changed_config_trains_a_challenger_that_must_beat_the_champion(local_
     # The same holdout for both, and the gate's rules recomputed from the saved metrics.
     assert decision["challenger_holdout"]["n"] == decision["champion_holdout"]["n"]
     drops = [v["champion"] - v["challenger"] for v in decision["per_class_recall"].values()]
-    should = (decision["challenger"] > decision["champion"]
-              and max(drops) <= decision["max_class_recall_drop"] + 1e-9)
+    should = (
+        decision["challenger"] > decision["champion"]
+        and max(drops) <= decision["max_class_recall_drop"] + 1e-9
+    )
     assert second["promoted"] == should == decision["promote"]
     if should:
         assert champion["version"] == second["version"]

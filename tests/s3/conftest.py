@@ -46,11 +46,22 @@ def s3_env(moto_endpoint, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     bucket = f"darkroom-test-{uuid.uuid4().hex[:12]}"
     prefix = "root/sub"
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket=bucket)
-    yield {"endpoint": moto_endpoint, "bucket": bucket, "prefix": prefix,
-           "uri": f"s3://{bucket}/{prefix}", "env": env, "client": client}
+    yield {
+        "endpoint": moto_endpoint,
+        "bucket": bucket,
+        "prefix": prefix,
+        "uri": f"s3://{bucket}/{prefix}",
+        "env": env,
+        "client": client,
+    }
 
 
 def list_keys(client, bucket: str, prefix: str = "") -> dict[str, dict]:

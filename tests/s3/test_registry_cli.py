@@ -30,8 +30,9 @@ def _train(uri: str, cache: str, seed: int) -> str:
     pipeline.sync_labeled(uri, cache)
     snap = pipeline.rebuild_index(uri, cache, cfg.folds, cfg.seed, 0.1)["snapshot"]
     version = registry.new_version(snap, cfg.fingerprint())
-    folds = [pipeline.train_fold(uri, cache, snap, k, version, cfg, "cpu")
-             for k in range(cfg.folds)]
+    folds = [
+        pipeline.train_fold(uri, cache, snap, k, version, cfg, "cpu") for k in range(cfg.folds)
+    ]
     pipeline.finalize_candidate(uri, version, snap, folds, cfg)
     return version
 
@@ -66,7 +67,10 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     code, out = run(capsys, "history", *common)
     lines = [ln for ln in out.splitlines() if re.match(r"\d{4}-\d\d-\d\dT", ln)]
     assert code == 0 and [ln.split()[1:3] for ln in lines] == [
-        ["manual-promote", a], ["manual-promote", b], ["rollback", a]]
+        ["manual-promote", a],
+        ["manual-promote", b],
+        ["rollback", a],
+    ]
     code, out = run(capsys, "rollback", *common)  # nothing before the first champion
     assert code == 2 and "nothing to roll back to" in out
 

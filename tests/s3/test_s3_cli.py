@@ -20,35 +20,59 @@ from tests.s3.conftest import list_keys
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",
-                      "model_version", "scored_at", "status", "error"]
+PREDICTION_COLUMNS = [
+    "key",
+    "etag",
+    "label",
+    "confidence",
+    "low_confidence",
+    "topk_labels",
+    "topk_probs",
+    "model_version",
+    "scored_at",
+    "status",
+    "error",
+]
 
 
 def _json_tail(stdout: str) -> dict:
     """The JSON object the command printed last (logs may precede it)."""
-    return json.loads(stdout[stdout.rfind("\n{") + 1:])
+    return json.loads(stdout[stdout.rfind("\n{") + 1 :])
 
 
 def test_retrain_score_status_on_s3(s3_env, tmp_path):
     client, bucket, prefix = s3_env["client"], s3_env["bucket"], "demo"
     storage = f"s3://{bucket}/{prefix}"
     cache = tmp_path / "cache"
-    env = {**os.environ, **s3_env["env"], "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **s3_env["env"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PYTHONUNBUFFERED": "1",
+    }
     for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "DARKROOM_STORAGE", "DARKROOM_CACHE"):
         env.pop(name, None)
 
     def darkroom(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "darkroom.cli", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "darkroom.cli", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert proc.returncode == 0, (
             f"darkroom {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
-            f"\n--- stderr\n{proc.stderr[-6000:]}")
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
         return proc
 
     def objects(sub: str = "") -> dict[str, dict]:
-        return {k[len(prefix) + 1:]: v
-                for k, v in list_keys(client, bucket, f"{prefix}/{sub}").items()}
+        return {
+            k[len(prefix) + 1 :]: v for k, v in list_keys(client, bucket, f"{prefix}/{sub}").items()
+        }
 
     def body(key: str) -> bytes:
         return client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
@@ -60,10 +84,27 @@ def test_retrain_score_status_on_s3(s3_env, tmp_path):
     assert incoming and len(labeled) > len(incoming)
     sources_before = {k: v["ETag"] for k, v in {**labeled, **incoming}.items()}
 
-    retrain = darkroom("retrain", "--storage", storage, "--cache-dir", str(cache),
-                       "--backbone", "test_resnet", "--image-size", "32", "--folds", "2",
-                       "--epochs", "1", "--batch-size", "32", "--lr", "0.002",
-                       "--augment", "none")
+    retrain = darkroom(
+        "retrain",
+        "--storage",
+        storage,
+        "--cache-dir",
+        str(cache),
+        "--backbone",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.002",
+        "--augment",
+        "none",
+    )
     summary = _json_tail(retrain.stdout)
     assert summary["skipped"] is False
     assert summary["promoted"] is True
@@ -122,8 +163,9 @@ def test_retrain_score_status_on_s3(s3_env, tmp_path):
     assert rerun["already_scored"] == len(incoming)
     assert set(objects(f"predictions/{version}/")) == set(pred_files)
     # The user's images were never rewritten, moved or deleted.
-    assert {k: v["ETag"] for k, v in {**objects("labeled/"), **objects("incoming/")}.items()} \
-        == sources_before
+    assert {
+        k: v["ETag"] for k, v in {**objects("labeled/"), **objects("incoming/")}.items()
+    } == sources_before
 
 
 def _holdout_rows(body, pointer: dict) -> int:

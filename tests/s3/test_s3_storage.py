@@ -36,7 +36,8 @@ def test_write_lands_under_prefix_and_reads_back(s3_env):
     assert etag == hashlib.md5(data).hexdigest()  # single-part PUT: the MD5 of the bytes
     # Nothing was written at the bucket root or elsewhere.
     assert set(list_keys(s3_env["client"], s3_env["bucket"])) == {
-        f"{s3_env['prefix']}/reports/a/b.bin"}
+        f"{s3_env['prefix']}/reports/a/b.bin"
+    }
 
     assert storage.read_bytes("reports/a/b.bin") == data
     assert storage.exists("reports/a/b.bin")
@@ -77,8 +78,10 @@ def test_objects_written_by_others_are_seen_relative_to_prefix(s3_env):
         assert info.etag == head["ETag"].strip('"')
         assert '"' not in info.etag
         assert info.last_modified is not None
-        assert storage.read_bytes(key) == client.get_object(
-            Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
+        assert (
+            storage.read_bytes(key)
+            == client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()
+        )
 
     everything = sorted(o.key for o in storage.list())
     assert everything == ["incoming/3.png", "labeled/cat/1.png", "labeled/dog/deep/2.png"]
@@ -114,8 +117,9 @@ def test_put_source_object_never_overwrites(s3_env):
     assert _get(s3_env, "labeled/a/1.png")["Body"].read() == b"first"
 
 
-@pytest.mark.parametrize("key", ["../escape.json", "a/../../b.json", "/abs.json", "a\\b.json",
-                                 "a//b.json", ""])
+@pytest.mark.parametrize(
+    "key", ["../escape.json", "a/../../b.json", "/abs.json", "a\\b.json", "a//b.json", ""]
+)
 def test_unsafe_keys_refused(s3_env, key):
     storage = open_storage(s3_env["uri"])
     with pytest.raises(ValueError):
@@ -136,8 +140,9 @@ def test_if_match_with_stale_etag_fails(s3_env):
     storage = open_storage(s3_env["uri"])
     stale = storage.write_bytes("models/champion.json", b"v1")
     # Someone else replaces the pointer behind our back.
-    s3_env["client"].put_object(Bucket=s3_env["bucket"],
-                                Key=f"{s3_env['prefix']}/models/champion.json", Body=b"other")
+    s3_env["client"].put_object(
+        Bucket=s3_env["bucket"], Key=f"{s3_env['prefix']}/models/champion.json", Body=b"other"
+    )
     with pytest.raises(PreconditionFailed):
         storage.write_bytes("models/champion.json", b"v2", if_match=stale)
     assert _get(s3_env, "models/champion.json")["Body"].read() == b"other"
@@ -167,8 +172,9 @@ def test_if_match_on_missing_key_fails(s3_env):
 
 
 def test_download_writes_exact_bytes_without_temp_leftovers(s3_env, tmp_path):
-    s3_env["client"].put_object(Bucket=s3_env["bucket"], Key=f"{s3_env['prefix']}/blob.bin",
-                                Body=bytes(range(256)) * 40)
+    s3_env["client"].put_object(
+        Bucket=s3_env["bucket"], Key=f"{s3_env['prefix']}/blob.bin", Body=bytes(range(256)) * 40
+    )
     dest = tmp_path / "d" / "blob.bin"
     open_storage(s3_env["uri"]).download("blob.bin", dest)
     assert dest.read_bytes() == bytes(range(256)) * 40
@@ -214,8 +220,9 @@ def test_promotion_against_deleted_pointer_is_lost_not_a_crash(s3_env):
     _with_weights(storage, "v2")
     registry.promote(storage, "v1", expected_etag=None, action="promote", reason="first")
     _, etag = registry.read_champion(storage)
-    s3_env["client"].delete_object(Bucket=s3_env["bucket"],
-                                   Key=f"{s3_env['prefix']}/models/champion.json")
+    s3_env["client"].delete_object(
+        Bucket=s3_env["bucket"], Key=f"{s3_env['prefix']}/models/champion.json"
+    )
     with pytest.raises(registry.PromotionLost):
         registry.promote(storage, "v2", expected_etag=etag, action="promote", reason="better")
     assert not storage.exists("models/champion.json")

@@ -23,8 +23,9 @@ def _full(s3_env, key: str) -> str:
 
 
 def _body(s3_env, key: str) -> bytes:
-    return s3_env["client"].get_object(Bucket=s3_env["bucket"],
-                                       Key=_full(s3_env, key))["Body"].read()
+    return (
+        s3_env["client"].get_object(Bucket=s3_env["bucket"], Key=_full(s3_env, key))["Body"].read()
+    )
 
 
 def _files(root) -> set[str]:
@@ -44,8 +45,13 @@ def test_first_sync_downloads_every_labeled_object(s3_env, digits_s3, tmp_path):
     report, entries = sync_prefix(open_storage(s3_env["uri"]), "labeled/", cache)
     assert report.listed == 30
     assert report.new == report.listed
-    assert (report.changed, report.removed, report.unchanged, report.refused,
-            report.failed) == (0, 0, 0, 0, 0)
+    assert (report.changed, report.removed, report.unchanged, report.refused, report.failed) == (
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     assert sorted(entries) == digits_s3  # incoming/ is not part of labeled/
     listing = list_keys(s3_env["client"], s3_env["bucket"], _full(s3_env, "labeled/"))
     assert report.downloaded_bytes == sum(o["Size"] for o in listing.values())
@@ -106,8 +112,9 @@ def test_rebuild_index_writes_snapshot_and_pointer_to_s3(s3_env, digits_s3, tmp_
     sync = pipeline.sync_labeled(s3_env["uri"], str(cache))
     assert sync["new"] == 30
 
-    pointer = pipeline.rebuild_index(s3_env["uri"], str(cache), folds=2, seed=0,
-                                     holdout_fraction=0.1)
+    pointer = pipeline.rebuild_index(
+        s3_env["uri"], str(cache), folds=2, seed=0, holdout_fraction=0.1
+    )
     snap = pointer["snapshot"]
     keys = list_keys(client, bucket, _full(s3_env, "index/"))
     assert set(keys) == {_full(s3_env, f"index/{snap}.parquet"), _full(s3_env, "index/latest.json")}
@@ -119,8 +126,21 @@ def test_rebuild_index_writes_snapshot_and_pointer_to_s3(s3_env, digits_s3, tmp_
     table = pq.read_table(io.BytesIO(_body(s3_env, f"index/{snap}.parquet")))
     assert table.column_names == idx.COLUMNS
     assert set(table.column_names) == {
-        "image_id", "key", "label", "class_index", "split", "fold", "width", "height",
-        "channels", "format", "bytes", "etag", "status", "error"}
+        "image_id",
+        "key",
+        "label",
+        "class_index",
+        "split",
+        "fold",
+        "width",
+        "height",
+        "channels",
+        "format",
+        "bytes",
+        "etag",
+        "status",
+        "error",
+    }
     meta = json.loads(table.schema.metadata[b"darkroom"])
     assert meta["classes"] == ["0", "1", "2"]
     df = table.to_pandas()
@@ -144,7 +164,6 @@ def test_rebuild_index_writes_snapshot_and_pointer_to_s3(s3_env, digits_s3, tmp_
     assert len(list_keys(client, bucket, _full(s3_env, "incoming/"))) == 5
 
     # Same data again: the same snapshot id, no second snapshot file.
-    again = pipeline.rebuild_index(s3_env["uri"], str(cache), folds=2, seed=0,
-                                   holdout_fraction=0.1)
+    again = pipeline.rebuild_index(s3_env["uri"], str(cache), folds=2, seed=0, holdout_fraction=0.1)
     assert again["snapshot"] == snap
     assert len(list_keys(client, bucket, _full(s3_env, "index/"))) == 2

@@ -110,8 +110,7 @@ def test_unknown_augment():
 
 
 def test_image_dataset(tmp_path):
-    paths = [_write(tmp_path / f"{i}.png", np.full((12, 12), 40 * i, np.uint8))
-             for i in range(3)]
+    paths = [_write(tmp_path / f"{i}.png", np.full((12, 12), 40 * i, np.uint8)) for i in range(3)]
     ds = ImageDataset(paths, [2, 0, 1], build_transform(16, MEAN, STD))
     assert len(ds) == 3
     image, label = ds[0]
@@ -131,8 +130,7 @@ def test_image_dataset_raises_on_unreadable(tmp_path):
 def test_safe_dataset_flags_unreadable(tmp_path):
     good = _write(tmp_path / "good.png", np.full((12, 12, 3), 200, np.uint8))
     (tmp_path / "bad.png").write_bytes(b"junk")
-    ds = SafeImageDataset([good, str(tmp_path / "bad.png"), ""], build_transform(16, MEAN, STD),
-                          16)
+    ds = SafeImageDataset([good, str(tmp_path / "bad.png"), ""], build_transform(16, MEAN, STD), 16)
     image, i, ok = ds[0]
     assert (i, ok) == (0, True)
     assert image.shape == (3, 16, 16) and image.abs().sum() > 0

@@ -33,8 +33,10 @@ def test_a_class_recall_drop_beyond_the_limit_rejects_a_better_model():
 
 def test_per_class_recall_is_reported_side_by_side():
     d = decide(m(0.9, a=1.0, b=0.8), m(0.8, a=0.7, b=0.9), "accuracy")
-    assert d["per_class_recall"] == {"a": {"challenger": 1.0, "champion": 0.7},
-                                     "b": {"challenger": 0.8, "champion": 0.9}}
+    assert d["per_class_recall"] == {
+        "a": {"challenger": 1.0, "champion": 0.7},
+        "b": {"challenger": 0.8, "champion": 0.9},
+    }
 
 
 def _version(storage, v):
@@ -51,15 +53,20 @@ def test_rollback_walks_back_the_lineage(local_storage):
         rollback(local_storage)
     for v in ("b", "c"):
         _, etag = registry.read_champion(local_storage)
-        promote(local_storage, v, expected_etag=etag, action="promote", reason="better",
-                previous="x")
+        promote(
+            local_storage, v, expected_etag=etag, action="promote", reason="better", previous="x"
+        )
     assert rollback(local_storage)["version"] == "b"
     assert rollback(local_storage)["version"] == "a"
     assert registry.read_champion(local_storage)[0]["version"] == "a"
     records = registry.history(local_storage)
     assert [(r["action"], r["version"]) for r in records] == [
-        ("promote", "a"), ("promote", "b"), ("promote", "c"), ("rollback", "b"),
-        ("rollback", "a")]
+        ("promote", "a"),
+        ("promote", "b"),
+        ("promote", "c"),
+        ("rollback", "b"),
+        ("rollback", "a"),
+    ]
     assert lineage(records) == ["a"]
 
 

@@ -157,9 +157,9 @@ def test_labels_csv_overrides_folders(local_storage, cache_dir):
     written = write_digits(local_storage, per_class=6)
     local_storage.put_source_object("labeled/loose.png", png_bytes(200, 32))
     relabel = "labeled/0/d-0000.png"
-    local_storage.write_text("labels.csv", "key,label\n"
-                                           f"{relabel},2\n"
-                                           "loose.png,1\n")  # key relative to labeled/
+    local_storage.write_text(
+        "labels.csv", f"key,label\n{relabel},2\nloose.png,1\n"
+    )  # key relative to labeled/
     df, _ = _build(local_storage, cache_dir, folds=2)
     rows = df.set_index("key")
     assert rows.loc[relabel, "label"] == "2"
@@ -172,8 +172,9 @@ def test_labels_csv_overrides_folders(local_storage, cache_dir):
 
 def test_blank_label_cell_falls_back_to_folder(local_storage, cache_dir):
     write_digits(local_storage, per_class=4)
-    local_storage.write_text("labels.csv", "key,label\nlabeled/0/d-0000.png,\n"
-                                           "labeled/1/d-0001.png,2\n")
+    local_storage.write_text(
+        "labels.csv", "key,label\nlabeled/0/d-0000.png,\nlabeled/1/d-0001.png,2\n"
+    )
     assert idx.read_label_file(local_storage) == {"labeled/1/d-0001.png": "2"}
     df, classes = _build(local_storage, cache_dir, folds=2)
     assert classes == ["0", "1", "2"]

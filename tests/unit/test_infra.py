@@ -187,8 +187,11 @@ def test_a_worker_polls_every_pool_the_deployments_use(services):
 
     deployments = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     pools = {d["work_pool"]["name"] for d in deployments["deployments"]}
-    polled = {s["command"][s["command"].index("--pool") + 1] for s in services.values()
-              if "worker" in s.get("command", [])}
+    polled = {
+        s["command"][s["command"].index("--pool") + 1]
+        for s in services.values()
+        if "worker" in s.get("command", [])
+    }
     assert pools <= polled
 
 

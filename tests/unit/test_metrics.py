@@ -63,8 +63,9 @@ def test_unnormalized_probs_are_renormalized():
 
 
 def test_two_classes_perfect():
-    m = classification_metrics([0, 1, 1, 0], [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]],
-                               ["no", "yes"])
+    m = classification_metrics(
+        [0, 1, 1, 0], [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.6, 0.4]], ["no", "yes"]
+    )
     assert m["accuracy"] == 1.0
     assert m["precision_macro"] == m["recall_macro"] == m["f1_macro"] == 1.0
     assert m["confusion_matrix"] == [[2, 0], [0, 2]]
@@ -86,11 +87,13 @@ def test_class_without_samples():
 def test_top5_with_six_classes():
     classes = list("uvwxyz")
     y = np.array([0, 5, 3])
-    probs = np.array([
-        [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],       # top1 hit
-        [0.3, 0.25, 0.2, 0.15, 0.1, 0.0],     # class 5 ranked last: top5 miss
-        [0.3, 0.25, 0.2, 0.15, 0.1, 0.0],     # class 3 ranked 4th: top5 hit, top1 miss
-    ])
+    probs = np.array(
+        [
+            [0.5, 0.1, 0.1, 0.1, 0.1, 0.1],  # top1 hit
+            [0.3, 0.25, 0.2, 0.15, 0.1, 0.0],  # class 5 ranked last: top5 miss
+            [0.3, 0.25, 0.2, 0.15, 0.1, 0.0],  # class 3 ranked 4th: top5 hit, top1 miss
+        ]
+    )
     m = classification_metrics(y, probs, classes)
     assert m["top1_accuracy"] == pytest.approx(1 / 3)
     assert m["top5_accuracy"] == pytest.approx(2 / 3)
@@ -118,9 +121,11 @@ def test_metrics_json_serializable(m):
 
 
 def test_aggregate_mean_std():
-    folds = [{"accuracy": 0.5, "f1_macro": 0.4, "log_loss": 1.0},
-             {"accuracy": 0.7, "f1_macro": 0.6, "log_loss": 0.5},
-             {"accuracy": 0.9, "f1_macro": 0.8, "log_loss": None}]
+    folds = [
+        {"accuracy": 0.5, "f1_macro": 0.4, "log_loss": 1.0},
+        {"accuracy": 0.7, "f1_macro": 0.6, "log_loss": 0.5},
+        {"accuracy": 0.9, "f1_macro": 0.8, "log_loss": None},
+    ]
     out = aggregate(folds)
     assert out["accuracy"]["mean"] == pytest.approx(0.7)
     # population std: sqrt(((-.2)^2 + 0 + .2^2) / 3)

@@ -20,6 +20,7 @@ def _records(storage) -> list[str]:
 
 # ---- decide ---------------------------------------------------------------------------------
 
+
 def test_no_champion_promotes():
     d = decide({"accuracy": 0.1}, None, "accuracy")
     assert d["promote"] is True
@@ -28,8 +29,7 @@ def test_no_champion_promotes():
 
 
 def test_better_promotes():
-    d = decide({"f1_macro": 0.81, "accuracy": 0.1}, {"f1_macro": 0.8, "accuracy": 0.9},
-               "f1_macro")
+    d = decide({"f1_macro": 0.81, "accuracy": 0.1}, {"f1_macro": 0.8, "accuracy": 0.9}, "f1_macro")
     assert d["promote"] is True
     assert (d["challenger"], d["champion"]) == (0.81, 0.8)
     assert "f1_macro" in d["rule"] and d["rule"].startswith("promoted")
@@ -45,17 +45,23 @@ def test_equal_or_worse_rejects(new):
 
 def test_decide_uses_the_named_metric_only():
     # Better accuracy, worse F1: the metric decides.
-    d = decide({"accuracy": 0.99, "f1_macro": 0.1}, {"accuracy": 0.5, "f1_macro": 0.2},
-               "f1_macro")
+    d = decide({"accuracy": 0.99, "f1_macro": 0.1}, {"accuracy": 0.5, "f1_macro": 0.2}, "f1_macro")
     assert d["promote"] is False
 
 
 # ---- promote --------------------------------------------------------------------------------
 
+
 def test_first_promotion_writes_pointer_then_one_record(local_storage):
     _fake_version(local_storage, "v1")
-    record = promote(local_storage, "v1", expected_etag=None, action="promote",
-                     reason="no champion yet", metrics={"accuracy": 0.9})
+    record = promote(
+        local_storage,
+        "v1",
+        expected_etag=None,
+        action="promote",
+        reason="no champion yet",
+        metrics={"accuracy": 0.9},
+    )
     champion, etag = registry.read_champion(local_storage)
     assert champion == record
     assert etag == local_storage.etag(CHAMPION)
@@ -71,8 +77,9 @@ def test_second_promotion_with_current_etag(local_storage):
     _fake_version(local_storage, "v2")
     promote(local_storage, "v1", expected_etag=None, action="promote", reason="first")
     _, etag = registry.read_champion(local_storage)
-    promote(local_storage, "v2", expected_etag=etag, action="promote", reason="better",
-            previous="v1")
+    promote(
+        local_storage, "v2", expected_etag=etag, action="promote", reason="better", previous="v1"
+    )
     champion, new_etag = registry.read_champion(local_storage)
     assert champion["version"] == "v2" and champion["previous"] == "v1"
     assert new_etag != etag
@@ -114,13 +121,28 @@ def test_history_in_order_including_rollback(local_storage):
     for v in ("v1", "v2"):
         _fake_version(local_storage, v)
     promote(local_storage, "v1", expected_etag=None, action="promote", reason="a")
-    promote(local_storage, "v2", expected_etag=registry.read_champion(local_storage)[1],
-            action="promote", reason="b", previous="v1")
-    promote(local_storage, "v1", expected_etag=registry.read_champion(local_storage)[1],
-            action="rollback", reason="c", previous="v2")
+    promote(
+        local_storage,
+        "v2",
+        expected_etag=registry.read_champion(local_storage)[1],
+        action="promote",
+        reason="b",
+        previous="v1",
+    )
+    promote(
+        local_storage,
+        "v1",
+        expected_etag=registry.read_champion(local_storage)[1],
+        action="rollback",
+        reason="c",
+        previous="v2",
+    )
     records = history(local_storage)
     assert [(r["version"], r["action"], r["reason"]) for r in records] == [
-        ("v1", "promote", "a"), ("v2", "promote", "b"), ("v1", "rollback", "c")]
+        ("v1", "promote", "a"),
+        ("v2", "promote", "b"),
+        ("v1", "rollback", "c"),
+    ]
     assert [r["at"] for r in records] == sorted(r["at"] for r in records)
     assert registry.read_champion(local_storage)[0]["action"] == "rollback"
 

@@ -26,8 +26,19 @@ from darkroom.sync import sync_prefix
 from tests.conftest import TINY, write_digits
 
 CLASSES = ["0", "1", "2"]
-PREDICTION_COLUMNS = ["key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",
-                      "model_version", "scored_at", "status", "error"]
+PREDICTION_COLUMNS = [
+    "key",
+    "etag",
+    "label",
+    "confidence",
+    "low_confidence",
+    "topk_labels",
+    "topk_probs",
+    "model_version",
+    "scored_at",
+    "status",
+    "error",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +46,13 @@ def tiny_model():
     torch.manual_seed(0)
     model = create_model(TINY, len(CLASSES), pretrained=False).eval()
     mean, std = mean_std(model)
-    meta = {"classes": CLASSES, "image_size": TINY.image_size, "mean": mean, "std": std,
-            "train_config": TINY.model_dump(mode="json")}
+    meta = {
+        "classes": CLASSES,
+        "image_size": TINY.image_size,
+        "mean": mean,
+        "std": std,
+        "train_config": TINY.model_dump(mode="json"),
+    }
     return model, meta
 
 
@@ -58,6 +74,7 @@ def incoming(local_storage, cache_dir):
 
 
 # ---- chunks ---------------------------------------------------------------------------------
+
 
 def test_chunk_id_order_independent_and_etag_sensitive():
     pairs = [("incoming/a.png", "e1"), ("incoming/b.png", "e2"), ("incoming/c.png", "e3")]
@@ -85,6 +102,7 @@ def test_plan_chunks_sizes_and_order():
 
 
 # ---- prediction rows ------------------------------------------------------------------------
+
 
 def test_prediction_rows_follow_the_contract(local_storage, loaded, incoming):
     items, paths = incoming
@@ -189,12 +207,14 @@ def test_align_probs_by_class_name():
 
 # ---- loading a version ----------------------------------------------------------------------
 
+
 def _write_version(storage, version, model, meta, weights: bytes | None = None):
     real = to_bytes(model)
-    storage.write_bytes(f"models/{version}/model.safetensors",
-                        real if weights is None else weights)
-    storage.write_text(f"models/{version}/model.json",
-                       json.dumps({**meta, "version": version, "sha256": sha256(real)}))
+    storage.write_bytes(f"models/{version}/model.safetensors", real if weights is None else weights)
+    storage.write_text(
+        f"models/{version}/model.json",
+        json.dumps({**meta, "version": version, "sha256": sha256(real)}),
+    )
     return real
 
 

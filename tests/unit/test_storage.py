@@ -45,8 +45,13 @@ def test_text_round_trip_utf8(local_storage):
 def test_list_sorted_with_prefix_filter_and_sizes(local_storage):
     for key in ["b/2.txt", "a/1.txt", "b/1.txt", "ab/x.txt", "c.txt"]:
         local_storage.write_bytes(key, key.encode())
-    assert [o.key for o in local_storage.list()] == ["a/1.txt", "ab/x.txt", "b/1.txt",
-                                                     "b/2.txt", "c.txt"]
+    assert [o.key for o in local_storage.list()] == [
+        "a/1.txt",
+        "ab/x.txt",
+        "b/1.txt",
+        "b/2.txt",
+        "c.txt",
+    ]
     assert [o.key for o in local_storage.list("b/")] == ["b/1.txt", "b/2.txt"]
     # A prefix is a string prefix, not a folder: "a" matches "a/..." and "ab/...".
     assert [o.key for o in local_storage.list("a")] == ["a/1.txt", "ab/x.txt"]
@@ -171,8 +176,9 @@ def test_rapid_same_size_conditional_writes_never_reuse_an_etag(local_storage):
     # or a stale if_match would win.
     seen = [local_storage.write_bytes("models/champion.json", b"v0")]
     for i in range(1, 6):
-        seen.append(local_storage.write_bytes("models/champion.json", f"v{i}".encode(),
-                                              if_match=seen[-1]))
+        seen.append(
+            local_storage.write_bytes("models/champion.json", f"v{i}".encode(), if_match=seen[-1])
+        )
     assert len(set(seen)) == len(seen)
     with pytest.raises(PreconditionFailed):
         local_storage.write_bytes("models/champion.json", b"v9", if_match=seen[0])
@@ -198,6 +204,7 @@ def test_download_copies(local_storage, tmp_path):
 
 
 # ---- open_storage ---------------------------------------------------------------------------
+
 
 def test_open_storage_file_relative(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -292,8 +299,9 @@ def coarse_clock(monkeypatch):
 def test_coarse_clock_conditional_writes_never_reuse_an_etag(local_storage, coarse_clock):
     seen = [local_storage.write_bytes("models/champion.json", b"v0")]
     for i in range(1, 4):
-        seen.append(local_storage.write_bytes("models/champion.json", f"v{i}".encode(),
-                                              if_match=seen[-1]))
+        seen.append(
+            local_storage.write_bytes("models/champion.json", f"v{i}".encode(), if_match=seen[-1])
+        )
     assert len(set(seen)) == len(seen)
     with pytest.raises(PreconditionFailed):  # a stale reader must lose
         local_storage.write_bytes("models/champion.json", b"v9", if_match=seen[0])

@@ -91,8 +91,9 @@ def test_key_leaving_a_local_root_never_deletes_the_file(local_storage, cache_di
     write_digits(local_storage, per_class=3)
     sync_prefix(local_storage, "labeled/", cache_dir)
     # The object leaves what is synced (here: the filter changes); the file is the user's.
-    report, manifest = sync_prefix(local_storage, "labeled/", cache_dir,
-                                   key_filter=lambda k: not k.startswith("labeled/2/"))
+    report, manifest = sync_prefix(
+        local_storage, "labeled/", cache_dir, key_filter=lambda k: not k.startswith("labeled/2/")
+    )
     assert report.removed == 3
     assert not any(k.startswith("labeled/2/") for k in manifest)
     assert len(list((local_storage.root / "labeled" / "2").iterdir())) == 3
@@ -144,8 +145,9 @@ def test_is_image_key():
     assert not is_image_key("a/b.png.txt") and not is_image_key("a/png")
 
 
-@pytest.mark.parametrize("key", ["../x.png", "/etc/passwd", "a\\..\\b.png", "a/../../x.png",
-                                 "a//b.png", ""])
+@pytest.mark.parametrize(
+    "key", ["../x.png", "/etc/passwd", "a\\..\\b.png", "a/../../x.png", "a//b.png", ""]
+)
 def test_cache_path_refuses_escaping_keys(cache_dir, key):
     with pytest.raises(UnsafeKeyError):
         cache_path(cache_dir, key)

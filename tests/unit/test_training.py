@@ -39,8 +39,16 @@ def test_fit_returns_best_epoch_weights_and_validation_probs(digit_files):
     paths, labels, classes = digit_files
     cfg = TINY.model_copy(update={"epochs": 3})
     seen = []
-    res = fit(paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes), cfg,
-              device=torch.device("cpu"), on_epoch=seen.append)
+    res = fit(
+        paths[::2],
+        labels[::2],
+        paths[1::2],
+        labels[1::2],
+        len(classes),
+        cfg,
+        device=torch.device("cpu"),
+        on_epoch=seen.append,
+    )
     assert [h["epoch"] for h in res.history] == [0, 1, 2] == [h["epoch"] for h in seen]
     best = min(range(3), key=lambda e: res.history[e]["val_loss"])
     assert res.best_epoch == best
@@ -50,8 +58,9 @@ def test_fit_returns_best_epoch_weights_and_validation_probs(digit_files):
     from darkroom.data import build_transform
     from darkroom.training import evaluate, make_loader
 
-    loader = make_loader(paths[1::2], labels[1::2], build_transform(32, res.mean, res.std),
-                         32, shuffle=False)
+    loader = make_loader(
+        paths[1::2], labels[1::2], build_transform(32, res.mean, res.std), 32, shuffle=False
+    )
     stats, _ = evaluate(res.model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
     assert stats["loss"] == pytest.approx(res.history[best]["val_loss"], rel=1e-4)
 
@@ -111,8 +120,10 @@ def test_weights_round_trip_and_tamper_check():
     data = to_bytes(model)
     other = create_model(TINY.model_copy(update={"seed": 1}), 3)
     load_weights(other, data, sha256(data))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                  other.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
     with pytest.raises(ValueError, match="sha256"):
         load_weights(other, data[:-1] + b"\x00", sha256(data))
 
@@ -129,19 +140,23 @@ CPU = torch.device("cpu")
 
 def _fit(digit_files, cfg, **kw):
     paths, labels, classes = digit_files
-    return fit(paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes), cfg,
-               device=CPU, **kw)
+    return fit(
+        paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes), cfg, device=CPU, **kw
+    )
 
 
-@pytest.mark.parametrize("update", [
-    {"optimizer": "adamw", "weight_decay": 0.05},
-    {"optimizer": "sgd", "lr": 0.05},
-    {"label_smoothing": 0.1},
-    {"class_weights": "balanced"},
-    {"mixup_prob": 1.0},
-    {"cutmix_prob": 1.0},
-    {"mixup_prob": 0.5, "cutmix_prob": 0.5, "augment": "no-flip"},
-])
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"optimizer": "adamw", "weight_decay": 0.05},
+        {"optimizer": "sgd", "lr": 0.05},
+        {"label_smoothing": 0.1},
+        {"class_weights": "balanced"},
+        {"mixup_prob": 1.0},
+        {"cutmix_prob": 1.0},
+        {"mixup_prob": 0.5, "cutmix_prob": 0.5, "augment": "no-flip"},
+    ],
+)
 def test_each_option_trains_and_reaches_lr_min(digit_files, update):
     cfg = TINY.model_copy(update={"epochs": 2, "batch_size": 8, **update})
     res = _fit(digit_files, cfg)
@@ -156,7 +171,8 @@ def test_grad_accumulation_steps_the_scheduler_once_per_accumulated_batch(digit_
     # exactly after 4 steps, so one scheduler step too many or too few would miss it.
     assert res.history[-1]["lr"] == pytest.approx(cfg.lr_min)
     assert res.history[0]["lr"] == pytest.approx(
-        cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + np.cos(np.pi * 2 / 4)) / 2)
+        cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + np.cos(np.pi * 2 / 4)) / 2
+    )
 
 
 def test_freeze_backbone_trains_only_the_head_first(digit_files):
@@ -221,8 +237,7 @@ def test_mixed_precision_layout_and_compile_settings(monkeypatch):
     assert amp_dtype(TINY, cuda) is torch.bfloat16
     assert amp_dtype(TINY.model_copy(update={"mixed_precision": "fp16"}), cuda) is torch.float16
     assert amp_dtype(TINY.model_copy(update={"mixed_precision": "off"}), cuda) is None
-    x, _ = to_device(torch.zeros(2, 3, 8, 8), torch.zeros(2), CPU,
-                     StepOptions(channels_last=True))
+    x, _ = to_device(torch.zeros(2, 3, 8, 8), torch.zeros(2), CPU, StepOptions(channels_last=True))
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -258,16 +273,19 @@ def test_pretrained_file_from_a_storage_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("DARKROOM_CACHE", str(tmp_path / "cache"))
     source = create_model(TINY, num_classes=10)
     (tmp_path / "w").mkdir()
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
-              str(tmp_path / "w" / "backbone.safetensors"))
-    cfg = TINY.model_copy(update={"pretrained": True,
-                                  "pretrained_file": f"file://{tmp_path}/w/backbone.safetensors"})
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()},
+        str(tmp_path / "w" / "backbone.safetensors"),
+    )
+    cfg = TINY.model_copy(
+        update={"pretrained": True, "pretrained_file": f"file://{tmp_path}/w/backbone.safetensors"}
+    )
     model = create_model(local_weights(cfg), num_classes=3)
-    assert torch.equal(model.state_dict()["conv1.0.weight"],
-                       source.state_dict()["conv1.0.weight"])
+    assert torch.equal(model.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
 
 
 # ---- checkpoints, resume, out of memory -----------------------------------------------------
+
 
 class MemoryCheckpointer:
     """Round-trips every save through torch.save / torch.load(weights_only=True)."""
@@ -278,8 +296,7 @@ class MemoryCheckpointer:
     def load(self):
         import io
 
-        return None if self.data is None else torch.load(io.BytesIO(self.data),
-                                                         weights_only=True)
+        return None if self.data is None else torch.load(io.BytesIO(self.data), weights_only=True)
 
     def save(self, state):
         import io
@@ -308,8 +325,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files):
     resumed = _fit(digit_files, cfg, checkpoint=ckpt)
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
     assert resumed.best_epoch == whole.best_epoch
-    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        whole.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b)
     np.testing.assert_allclose(resumed.val_probs, whole.val_probs, rtol=1e-5)
 
@@ -336,6 +354,7 @@ def test_cuda_out_of_memory_retries_with_half_the_batch(digit_files, monkeypatch
 
 # ---- the pipeline stages: fold reuse, checkpoints in storage, final model choice -------------
 
+
 @pytest.fixture
 def indexed(local_storage, cache_dir):
     """Three digit classes synced and indexed into 2 folds; returns (storage, cache, snapshot)."""
@@ -343,8 +362,9 @@ def indexed(local_storage, cache_dir):
 
     write_digits(local_storage, classes=("0", "1", "7"), per_class=14)
     pipeline.sync_labeled(local_storage.uri, str(cache_dir))
-    pointer = pipeline.rebuild_index(local_storage.uri, str(cache_dir), folds=2, seed=0,
-                                     holdout_fraction=0.1)
+    pointer = pipeline.rebuild_index(
+        local_storage.uri, str(cache_dir), folds=2, seed=0, holdout_fraction=0.1
+    )
     return local_storage, str(cache_dir), pointer["snapshot"]
 
 
@@ -352,8 +372,10 @@ def _train_folds(indexed, cfg, version="v1"):
     from darkroom import pipeline
 
     storage, cache, snapshot = indexed
-    return [pipeline.train_fold(storage.uri, cache, snapshot, k, version, cfg, "cpu")
-            for k in range(cfg.folds)]
+    return [
+        pipeline.train_fold(storage.uri, cache, snapshot, k, version, cfg, "cpu")
+        for k in range(cfg.folds)
+    ]
 
 
 def test_a_finished_fold_is_not_trained_again(indexed, monkeypatch):
@@ -418,10 +440,13 @@ def test_final_model_best_fold_ensemble_and_refit(indexed):
     assert set(report["oof"]["per_class_train_images"]) == {"0", "1", "7"}
     assert "mean" in report["cv"]["accuracy"]
 
-    ens = pipeline.finalize_candidate(storage.uri, "v1", snapshot, summaries,
-                                      cfg.model_copy(update={"final_model": "ensemble"}))
-    assert [m["key"] for m in ens["ensemble"]] == ["folds/0/model.safetensors",
-                                                   "folds/1/model.safetensors"]
+    ens = pipeline.finalize_candidate(
+        storage.uri, "v1", snapshot, summaries, cfg.model_copy(update={"final_model": "ensemble"})
+    )
+    assert [m["key"] for m in ens["ensemble"]] == [
+        "folds/0/model.safetensors",
+        "folds/1/model.safetensors",
+    ]
     assert all(m["sha256"] == sha256(files(m["key"])) for m in ens["ensemble"])
     assert ens["sha256"] == best["sha256"]  # old readers get the best fold
     for k in ("classes", "image_size", "mean", "std", "train_config", "backbone"):
@@ -439,8 +464,9 @@ def test_find_lr_writes_plot_and_suggestion(indexed):
     from darkroom import pipeline
 
     storage, cache, _ = indexed
-    out = pipeline.find_lr(storage.uri, cache, TINY.model_copy(update={"batch_size": 8}),
-                           "cpu", steps=30)
+    out = pipeline.find_lr(
+        storage.uri, cache, TINY.model_copy(update={"batch_size": 8}), "cpu", steps=30
+    )
     assert 0 < len(out["lrs"]) <= 30 and out["lrs"] == sorted(out["lrs"])
     assert out["suggested_lr"] and out["lrs"][0] <= out["suggested_lr"] <= out["lrs"][-1]
     key = out["plot"].split("/bucket/", 1)[1]
@@ -463,7 +489,11 @@ def test_benchmark_exits_cleanly_without_a_gpu(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "no CUDA GPU" in done.stdout
     assert list(tmp_path.iterdir()) == []
