@@ -81,3 +81,9 @@ class SafeImageDataset(ImageDataset):
             return super().__getitem__(i)[0], i, True
         except UnreadableImage:
             return self.blank, i, False
+
+
+def worker_context(num_workers: int) -> str | None:
+    """DataLoader workers start from a clean forkserver, not a fork of this process: a Prefect
+    worker is multithreaded (engine, log and event threads), and forking it is unsafe."""
+    return "forkserver" if num_workers > 0 else None

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from darkroom.config import TrainConfig
-from darkroom.data import SafeImageDataset, build_transform
+from darkroom.data import SafeImageDataset, build_transform, worker_context
 from darkroom.model import create_model, load_weights, resolve_device
 from darkroom.registry import version_key
 from darkroom.storage import ObjectInfo, Storage, open_storage
@@ -81,7 +81,12 @@ class LoadedModel:
         """
         tf = build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"], "none")
         ds = SafeImageDataset(paths, tf, self.meta["image_size"])
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            multiprocessing_context=worker_context(num_workers),
+        )
         probs = np.zeros((len(paths), len(self.classes)), np.float32)
         ok = np.zeros(len(paths), bool)
         for m in self.members:

@@ -23,7 +23,7 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
 from darkroom.config import TrainConfig
-from darkroom.data import ImageDataset, build_transform
+from darkroom.data import ImageDataset, build_transform, worker_context
 from darkroom.model import create_model, mean_std
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),
     )
 
 

@@ -61,8 +61,12 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     assert len(oof) == result["index"]["summary"]["train"]  # every train row predicted once
     assert len(list(local_storage.list("models/promotions/"))) == 1
 
+    # DataLoader workers inside Prefect's task threads: the multithreaded process that
+    # must not be forked.
     scored = score_new_images(
-        ScoreConfig(storage=local_storage.uri, cache_dir=str(cache_dir), chunk_size=3)
+        ScoreConfig(
+            storage=local_storage.uri, cache_dir=str(cache_dir), chunk_size=3, num_workers=1
+        )
     )
     assert scored["version"] == version and scored["scored"] == 7 and scored["chunks"] == 3
     preds = read_predictions(local_storage, version)
