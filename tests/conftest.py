@@ -27,6 +27,17 @@ TINY = TrainConfig(
 )
 
 
+# The DESIGN contracts as the tests state them (independently of the code's own constants).
+PREDICTION_COLUMNS = [
+    "key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",
+    "model_version", "scored_at", "status", "error",
+]  # fmt: skip
+INDEX_COLUMNS = [
+    "image_id", "key", "label", "class_index", "split", "fold", "width", "height", "channels",
+    "format", "bytes", "etag", "status", "error",
+]  # fmt: skip
+
+
 def write_digits(
     storage: Storage,
     classes=("0", "1", "2"),

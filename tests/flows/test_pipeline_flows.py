@@ -14,7 +14,7 @@ from darkroom.config import RetrainConfig, ScoreConfig
 from darkroom.scoring import read_predictions
 from flows.retrain import nightly_retrain
 from flows.score import NoChampion, score_new_images
-from tests.conftest import TINY, write_digits
+from tests.conftest import PREDICTION_COLUMNS, TINY, write_digits
 
 pytestmark = pytest.mark.slow
 
@@ -71,19 +71,7 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     assert scored["version"] == version and scored["scored"] == 7 and scored["chunks"] == 3
     preds = read_predictions(local_storage, version)
     assert set(preds["key"]) == incoming and len(preds) == 7
-    assert list(preds.columns) == [
-        "key",
-        "etag",
-        "label",
-        "confidence",
-        "low_confidence",
-        "topk_labels",
-        "topk_probs",
-        "model_version",
-        "scored_at",
-        "status",
-        "error",
-    ]
+    assert list(preds.columns) == PREDICTION_COLUMNS
     assert (preds["status"] == "ok").all() and preds["topk_labels"].map(len).eq(3).all()
 
     again = score_new_images(ScoreConfig(storage=local_storage.uri, cache_dir=str(cache_dir)))

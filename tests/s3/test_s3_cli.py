@@ -15,24 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkroom.scoring import PREDICTION_SCHEMA
+from tests.conftest import PREDICTION_COLUMNS
 from tests.s3.conftest import list_keys
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-PREDICTION_COLUMNS = [
-    "key",
-    "etag",
-    "label",
-    "confidence",
-    "low_confidence",
-    "topk_labels",
-    "topk_probs",
-    "model_version",
-    "scored_at",
-    "status",
-    "error",
-]
 
 
 def _json_tail(stdout: str) -> dict:

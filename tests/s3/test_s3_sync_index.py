@@ -12,7 +12,7 @@ from darkroom import index as idx
 from darkroom import pipeline
 from darkroom.storage import open_storage
 from darkroom.sync import load_manifest, sync_prefix
-from tests.conftest import png_bytes, write_digits
+from tests.conftest import INDEX_COLUMNS, png_bytes, write_digits
 from tests.s3.conftest import list_keys
 
 pytestmark = pytest.mark.s3
@@ -124,23 +124,7 @@ def test_rebuild_index_writes_snapshot_and_pointer_to_s3(s3_env, digits_s3, tmp_
     assert latest["classes"] == ["0", "1", "2"]
 
     table = pq.read_table(io.BytesIO(_body(s3_env, f"index/{snap}.parquet")))
-    assert table.column_names == idx.COLUMNS
-    assert set(table.column_names) == {
-        "image_id",
-        "key",
-        "label",
-        "class_index",
-        "split",
-        "fold",
-        "width",
-        "height",
-        "channels",
-        "format",
-        "bytes",
-        "etag",
-        "status",
-        "error",
-    }
+    assert table.column_names == idx.COLUMNS == INDEX_COLUMNS
     meta = json.loads(table.schema.metadata[b"darkroom"])
     assert meta["classes"] == ["0", "1", "2"]
     df = table.to_pandas()

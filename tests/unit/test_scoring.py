@@ -23,22 +23,9 @@ from darkroom.scoring import (
     write_predictions,
 )
 from darkroom.sync import sync_prefix
-from tests.conftest import TINY, write_digits
+from tests.conftest import PREDICTION_COLUMNS, TINY, write_digits
 
 CLASSES = ["0", "1", "2"]
-PREDICTION_COLUMNS = [
-    "key",
-    "etag",
-    "label",
-    "confidence",
-    "low_confidence",
-    "topk_labels",
-    "topk_probs",
-    "model_version",
-    "scored_at",
-    "status",
-    "error",
-]
 
 
 @pytest.fixture(scope="module")
