@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU on this machine: the training benchmark needs one; nothing measured")
         return 0
     from darkroom.config import TrainConfig
-    from darkroom.training import amp_dtype, fit
+    from darkroom.fit import amp_dtype, fit
 
     device = torch.device("cuda")
     cfg = TrainConfig(

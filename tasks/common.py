@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from darkroom.index import DatasetError
-from darkroom.training import NonFiniteLoss
+from darkroom.fit import NonFiniteLoss
 
 # A retry cannot fix bad data, a diverged run or a bad config; it can fix I/O and preemption.
 NOT_RETRIED = (DatasetError, NonFiniteLoss, ValueError, PermissionError)

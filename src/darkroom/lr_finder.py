@@ -12,7 +12,7 @@ import torch
 from darkroom.config import TrainConfig
 from darkroom.data import build_transform
 from darkroom.model import create_model, mean_std
-from darkroom.training import (
+from darkroom.fit import (
     StepOptions,
     amp_dtype,
     build_criterion,

@@ -27,7 +27,7 @@ from darkroom.config import TrainConfig
 from darkroom.model import resolve_device, sha256, to_bytes
 from darkroom.storage import open_storage
 from darkroom.sync import load_manifest, local_paths, sync_prefix
-from darkroom.training import fit, release_memory
+from darkroom.fit import fit, release_memory
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None

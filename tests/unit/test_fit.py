@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from darkroom.config import TrainConfig
 from darkroom.model import create_model, load_weights, sha256, to_bytes
 from darkroom.sync import sync_prefix
-from darkroom.training import (
+from darkroom.fit import (
     NonFiniteLoss,
     StepOptions,
     amp_dtype,
@@ -56,7 +56,7 @@ def test_fit_returns_best_epoch_weights_and_validation_probs(digit_files):
     np.testing.assert_allclose(res.val_probs.sum(1), 1.0, rtol=1e-4)
     # the weights returned are the best epoch's: re-evaluating reproduces its validation loss
     from darkroom.data import build_transform
-    from darkroom.training import evaluate, make_loader
+    from darkroom.fit import evaluate, make_loader
 
     loader = make_loader(
         paths[1::2], labels[1::2], build_transform(32, res.mean, res.std), 32, shuffle=False
@@ -191,7 +191,7 @@ def test_freeze_backbone_trains_only_the_head_first(digit_files):
 
 
 def test_early_stopping_keeps_the_best_epoch(digit_files, monkeypatch):
-    import darkroom.training as tr
+    import darkroom.fit as tr
 
     losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95])
     real = tr.evaluate
@@ -333,7 +333,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files):
 
 
 def test_cuda_out_of_memory_retries_with_half_the_batch(digit_files, monkeypatch):
-    import darkroom.training as tr
+    import darkroom.fit as tr
 
     real, calls = tr.train_one_epoch, []
 
