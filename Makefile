@@ -7,10 +7,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: demo ui test test-fast lint format clean
 
-$(STAMP): pyproject.toml
+# Installs the exact versions of constraints.txt (see docs/dependencies.md); reinstalls when
+# either file changes.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 ## Run the whole job on the embedded default: digits -> retrain -> score (local folder storage)
