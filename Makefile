@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tools/house_limits.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU on this machine: the training benchmark needs one; nothing measured")
         return 0
     from darkroom.config import TrainConfig
-    from darkroom.fit import amp_dtype, fit
+    from darkroom.fit import FoldData, fit
+    from darkroom.recipe import amp_dtype
 
     device = torch.device("cuda")
     cfg = TrainConfig(
@@ -76,12 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         n_train = a.images
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        data = FoldData(paths[:n_train], labels[:n_train], paths[n_train:], labels[n_train:], 10)
         result = fit(
-            paths[:n_train],
-            labels[:n_train],
-            paths[n_train:],
-            labels[n_train:],
-            10,
+            data,
             cfg,
             device=device,
             num_workers=a.workers,

@@ -141,6 +141,52 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15) -> None:
         proc.wait()
 
 
+def _find_or_start_server(port: int) -> tuple[str, str, subprocess.Popen | None]:
+    """(API URL, UI URL, the server process this call started or None): the server that
+    PREFECT_API_URL names, one already answering on ``port``, or a new one there."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    api_url = PREFECT_API_URL.value()
+    if api_url:
+        print(f"using the Prefect server at {api_url} (PREFECT_API_URL)", flush=True)
+        return api_url, PREFECT_UI_URL.value() or api_url.removesuffix("/api"), None
+    api_url, ui_url = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
+    if _healthy(api_url):
+        print(f"using the Prefect server already running at {ui_url}", flush=True)
+        return api_url, ui_url, None
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+    log_path = home / f"darkroom-server-{port}.log"
+    print(f"starting a Prefect server on {ui_url} (SQLite in {home}, log {log_path})", flush=True)
+    server = start_server(port, log_path)
+    print(f"Prefect server started (pid {server.pid})", flush=True)
+    return api_url, ui_url, server
+
+
+def _stop_on_sigterm(signum, frame):
+    # Containers, systemd and Kubernetes stop a service with SIGTERM: the same path as Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def _serve_deployments(api_url: str, ui_url: str, started: bool, **overrides) -> None:
+    from prefect import serve as prefect_serve
+
+    from tasks.common import ensure_gpu_limit, visible_gpus
+
+    deployments = build_deployments(load_spec(), **overrides)
+    gpus = visible_gpus()
+    if gpus and ensure_gpu_limit(gpus):
+        print(f"created the global concurrency limit darkroom-gpu: {gpus} slots", flush=True)
+    print(
+        f"\nPrefect UI: {ui_url}\n  storage: {os.environ['DARKROOM_STORAGE']}\n"
+        f"  run the nightly retrain now: PREFECT_API_URL={api_url} prefect deployment "
+        "run nightly-retrain/nightly-retrain\n  Ctrl-C stops darkroom serve"
+        + (" and the server it started" if started else "")
+        + "\n",
+        flush=True,
+    )
+    prefect_serve(*deployments, print_starting_message=True)
+
+
 def serve(
     port: int = 4200,
     storage: str | None = None,
@@ -149,66 +195,33 @@ def serve(
     watch_every: float | None = None,
     demo: bool = False,
 ) -> int:
-    """Serves the deployments until Ctrl-C; starts (and then stops) a server when needed."""
+    """Serves the deployments until Ctrl-C or SIGTERM; starts (and then stops) a server when
+    none runs."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Ctrl-C must stop us even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     from darkroom.storage import default_storage_uri, open_storage
 
     # Flow runs are subprocesses: they read the storage root and cache from the environment.
     os.environ["DARKROOM_STORAGE"] = open_storage(storage or default_storage_uri()).uri
     if cache_dir:
         os.environ["DARKROOM_CACHE"] = str(Path(cache_dir).expanduser().resolve())
-    os.chdir(ROOT)  # entrypoints (flows/*.py) and `tasks` resolve from the repository root
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-    )
+    os.chdir(ROOT)  # the entrypoints in prefect.yaml (flows/*.py) are relative to the checkout
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
-
-    server = None
-    api_url = PREFECT_API_URL.value()
-    if api_url:
-        print(f"using the Prefect server at {api_url} (PREFECT_API_URL)", flush=True)
-        ui_url = PREFECT_UI_URL.value() or api_url.removesuffix("/api")
-    else:
-        api_url = f"http://127.0.0.1:{port}/api"
-        ui_url = f"http://127.0.0.1:{port}"
-        if _healthy(api_url):
-            print(f"using the Prefect server already running at {ui_url}", flush=True)
-        else:
-            home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
-            log_path = home / f"darkroom-server-{port}.log"
-            print(
-                f"starting a Prefect server on {ui_url} (SQLite in {home}, log {log_path})",
-                flush=True,
-            )
-            server = start_server(port, log_path)
-            print(f"Prefect server started (pid {server.pid})", flush=True)
+    api_url, ui_url, server = _find_or_start_server(port)
     os.environ["PREFECT_API_URL"] = api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            from prefect import serve as prefect_serve
-
-            from tasks.common import ensure_gpu_limit, visible_gpus
-
-            deployments = build_deployments(
-                load_spec(), timezone=timezone, watch_every=watch_every, demo=demo
+            _serve_deployments(
+                api_url,
+                ui_url,
+                server is not None,
+                timezone=timezone,
+                watch_every=watch_every,
+                demo=demo,
             )
-            gpus = visible_gpus()
-            if gpus and ensure_gpu_limit(gpus):
-                print(
-                    f"created the global concurrency limit darkroom-gpu: {gpus} slots", flush=True
-                )
-            print(
-                f"\nPrefect UI: {ui_url}\n  storage: {os.environ['DARKROOM_STORAGE']}\n"
-                f"  run the nightly retrain now: PREFECT_API_URL={api_url} prefect deployment "
-                "run nightly-retrain/nightly-retrain\n  Ctrl-C stops darkroom serve"
-                + (" and the server it started" if server else "")
-                + "\n",
-                flush=True,
-            )
-            prefect_serve(*deployments, print_starting_message=True)
     except KeyboardInterrupt:
         pass
     finally:

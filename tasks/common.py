@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -9,10 +10,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from darkroom.index import DatasetError
 from darkroom.fit import NonFiniteLoss
+from darkroom.index import DatasetError
 
 # A retry cannot fix bad data, a diverged run or a bad config; it can fix I/O and preemption.
 NOT_RETRIED = (DatasetError, NonFiniteLoss, ValueError, PermissionError)
@@ -26,6 +28,17 @@ def retry_unless_permanent(task, task_run, state) -> bool:
     except Exception:
         return True
     return True
+
+
+# A task that does I/O: retried with backoff unless the error is permanent, never cached
+# (inputs are references; the outputs live in storage). Keywords override these defaults.
+io_task = functools.partial(
+    task,
+    retries=3,
+    retry_delay_seconds=[5, 30, 120],
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 
 
 def interactive() -> bool:

@@ -15,17 +15,17 @@ from darkroom.storage import LocalStorage, Storage
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Small and fast on a 2-core CPU: timm's tiny test model at 32 px.
-TINY = TrainConfig(
-    backbone="test_resnet",
-    image_size=32,
-    batch_size=32,
-    epochs=1,
-    lr=2e-3,
-    lr_min=1e-5,
-    folds=2,
-    augment="none",
+TINY = TrainConfig.model_validate(
+    dict(
+        backbone="test_resnet",
+        image_size=32,
+        batch_size=32,
+        epochs=1,
+        lr=2e-3,
+        folds=2,
+        augment="none",
+    )
 )
-
 
 # The DESIGN contracts as the tests state them (independently of the code's own constants).
 PREDICTION_COLUMNS = [
@@ -89,3 +89,21 @@ def local_storage(tmp_path) -> LocalStorage:
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+def train_candidate(storage: Storage, cache_dir, train: TrainConfig = TINY) -> str:
+    """A model version through the core stages alone (no Prefect): sync, index, every fold,
+    finalise. Returns the version; nothing is promoted."""
+    from darkroom import registry
+    from darkroom.config import RetrainConfig
+    from darkroom.index import rebuild_index
+    from darkroom.sync import sync_labeled
+    from darkroom.train import finalize_candidate, train_fold
+
+    config = RetrainConfig(storage=storage.uri, cache_dir=str(cache_dir), device="cpu", train=train)
+    sync_labeled(storage, config)
+    snap = rebuild_index(storage, config, "test").snapshot
+    version = registry.new_version(snap, train.fingerprint())
+    folds = [train_fold(storage, config, snap, version, k) for k in range(train.folds)]
+    finalize_candidate(storage, train, snap, version, folds)
+    return version

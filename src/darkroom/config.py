@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from darkroom.storage import default_storage_uri
+from darkroom.storage import Storage, default_storage_uri
 
 
 class TrainConfig(BaseModel):
@@ -136,6 +136,14 @@ class RuntimeConfig(BaseModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     download_concurrency: int = Field(16, ge=1)
 
+    def cache_path(self, storage: Storage) -> Path:
+        """The local cache of ``storage``'s images: ``cache_dir``, else one folder per root
+        under $DARKROOM_CACHE (default ~/.cache/darkroom)."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        base = Path(os.environ.get("DARKROOM_CACHE", Path.home() / ".cache" / "darkroom"))
+        return base / hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
+
 
 class RetrainConfig(RuntimeConfig):
     """Parameters of the ``nightly_retrain`` flow."""
@@ -169,13 +177,3 @@ class ScoreConfig(RuntimeConfig):
     low_confidence: float = Field(
         0.5, ge=0, le=1, description="Rows whose top probability is below this are flagged."
     )
-
-
-def cache_dir_for(cfg: RuntimeConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    base = Path(os.environ.get("DARKROOM_CACHE", Path.home() / ".cache" / "darkroom"))
-    from darkroom.storage import open_storage
-
-    root = open_storage(cfg.storage).uri
-    return base / hashlib.sha256(root.encode()).hexdigest()[:16]

@@ -17,10 +17,18 @@ class UnreadableImage(ValueError):
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Decodes any supported image to an HxWx3 uint8 RGB array."""
+    """Decodes any supported image file to an HxWx3 uint8 RGB array."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)  # also expands grey and drops alpha
     if img is None:
         raise UnreadableImage(f"OpenCV could not decode {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """``read_rgb`` for bytes already in memory (an object read from storage)."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if img is None:
+        raise UnreadableImage("OpenCV could not decode the image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

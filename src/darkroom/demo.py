@@ -6,16 +6,13 @@ true labels are kept aside in ``demo/incoming_truth.csv`` so the demo can measur
 
 from __future__ import annotations
 
-import io
-
 import cv2
 import numpy as np
 import pandas as pd
 
+from darkroom import layout
 from darkroom.config import TrainConfig
 from darkroom.storage import Storage
-
-TRUTH = "demo/incoming_truth.csv"
 
 # Digits from scratch (no weights can be downloaded here) want a higher lr than the tutorials'
 # 1e-4 fine-tuning rate, and must not be mirrored.
@@ -59,25 +56,61 @@ def write_demo_data(
         label = str(digits.target[i])
         data = digit_png(digits.data[i], size)
         if incoming[i]:
-            key = f"incoming/digit-{i:04d}.png"
+            key = f"{layout.INCOMING}digit-{i:04d}.png"
             truth.append((key, label))
         else:
-            key = f"labeled/{label}/digit-{i:04d}.png"
+            key = f"{layout.LABELED}{label}/digit-{i:04d}.png"
         storage.put_source_object(key, data)
-    buf = io.StringIO()
-    pd.DataFrame(truth, columns=["key", "label"]).to_csv(buf, index=False)
-    storage.write_text(TRUTH, buf.getvalue())
+    storage.write_csv(layout.DEMO_TRUTH, pd.DataFrame(truth, columns=["key", "label"]))
     return {"labeled": int((~incoming).sum()), "incoming": int(incoming.sum())}
 
 
 def has_demo_data(storage: Storage) -> bool:
-    return storage.exists(TRUTH)
+    return storage.exists(layout.DEMO_TRUTH)
 
 
 def truth_accuracy(storage: Storage, predictions: pd.DataFrame) -> tuple[float, int]:
     """Accuracy of ``predictions`` on the incoming digits, against the kept-aside labels."""
-    truth = pd.read_csv(io.BytesIO(storage.read_bytes(TRUTH)), dtype=str)
+    truth = storage.read_csv(layout.DEMO_TRUTH, dtype=str)
     merged = truth.merge(predictions[["key", "label"]], on="key", suffixes=("_true", "_pred"))
     if merged.empty:
         return 0.0, 0
     return float((merged["label_true"] == merged["label_pred"]).mean()), len(merged)
+
+
+def report(storage: Storage, retrain: dict, scored: dict) -> str:
+    """What `darkroom demo` prints: sync, retrain and scoring figures of the champion."""
+    from darkroom import registry
+    from darkroom.scoring import read_predictions
+
+    champion, _ = registry.read_champion(storage)
+    v = champion["version"]
+    metrics = storage.read_json(layout.version(v, "metrics.json"))
+    preds = read_predictions(storage, v)
+    acc, n = truth_accuracy(storage, preds)
+    sync, cv, holdout = retrain["sync"], metrics["cv"]["accuracy"], metrics["holdout"]
+    verdict = "promoted" if retrain.get("promoted") else "rejected"
+    trained = (
+        "skipped, nothing changed since the champion"
+        if retrain["skipped"]
+        else f"trained {retrain['version']}, {verdict}"
+    )
+    return "\n".join(
+        [
+            "\n==== darkroom demo ====",
+            f"sync labeled/: listed {sync['listed']}, new {sync['new']}, changed "
+            f"{sync['changed']}, unchanged {sync['unchanged']}, downloaded "
+            f"{sync['downloaded_bytes']} bytes",
+            f"retrain: {trained}",
+            f"champion: {v}",
+            f"CV accuracy ({len(metrics['folds'])} folds): {cv['mean']:.4f} ± {cv['std']:.4f}",
+            f"holdout accuracy: {holdout['accuracy']:.4f} ({holdout['n']} images)",
+            f"scoring: {scored['incoming']} incoming, {scored['already_scored']} already scored, "
+            f"{scored['scored']} scored now, {scored['failed']} failed",
+            f"predictions for {v}: {len(preds)} rows; accuracy vs kept-aside labels: {acc:.4f} "
+            f"({n} images)",
+            f"model files: {storage.url(layout.version(v))}",
+            f"predictions: {storage.url(layout.predictions(v))}",
+            f"champion pointer: {storage.url(layout.CHAMPION)}",
+        ]
+    )

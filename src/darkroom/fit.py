@@ -1,38 +1,48 @@
 """Fine-tuning one fold: the tutorials' recipe (Adam, per-step cosine to lr_min, cross-entropy)
 plus what an overnight run needs: a checkpoint after every epoch to resume from, early stopping
 that keeps the best epoch, a frozen-backbone warm-up, mixed precision on CUDA, and a retry with
-half the batch size when CUDA runs out of memory."""
+half the batch size when CUDA runs out of memory.
+
+``fit`` drives a ``Trainer``: the whole state of one attempt at a fold, which runs an epoch,
+checkpoints itself and restores itself from a checkpoint. Its pieces: ``darkroom.recipe`` (the
+config's choices), ``darkroom.steps`` (loaders and passes over them), ``darkroom.rng``."""
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
 from darkroom.config import TrainConfig
-from darkroom.data import ImageDataset, build_transform, worker_context
+from darkroom.data import build_transform
 from darkroom.model import create_model, mean_std
+from darkroom.recipe import (
+    amp_dtype,
+    build_criterion,
+    build_optimizer,
+    freeze_batchnorm,
+    local_weights,
+    set_backbone_trainable,
+)
+from darkroom.rng import rng_state, seed_everything, set_rng_state
+from darkroom.steps import (
+    NonFiniteLoss,
+    StepOptions,
+    evaluate,
+    make_loader,
+    stop_workers,
+    train_one_epoch,
+)
 
 log = logging.getLogger(__name__)
-
-MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training diverged (NaN/inf loss); the fold's weights must never be used."""
 
 
 class Checkpointer(Protocol):
@@ -43,294 +53,21 @@ class Checkpointer(Protocol):
     def save(self, state: dict) -> None: ...
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def rng_state() -> dict:
-    """Every global RNG's state as tensors and lists, so ``torch.load(weights_only=True)``
-    reads it back."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "cached": cached,
-        },
-        "python": [version, list(internal), gauss],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def release_memory() -> None:
-    """Returns cached GPU memory to the driver, so the next fold starts from an empty GPU."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def make_loader(
-    paths: Sequence[str],
-    labels: Sequence[int] | None,
-    transform,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    num_workers: int = 0,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ImageDataset(paths, labels, transform),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
-        multiprocessing_context=worker_context(num_workers),
-    )
-
-
-# ---- pieces of the recipe -------------------------------------------------------------------
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype on CUDA (None: full precision, always so on a CPU)."""
-    if device.type != "cuda" or cfg.mixed_precision == "off":
-        return None
-    if cfg.mixed_precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-
-
-def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
-    )
-
-
-def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """n / (n_classes * count) per class: each class weighs the same in the loss in total.
-    A class without training rows gets 0 (it never occurs as a target anyway)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
-    w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def build_criterion(cfg: TrainConfig, labels: Sequence[int], num_classes: int, device):
-    weight = (
-        class_weights(labels, num_classes).to(device) if cfg.class_weights == "balanced" else None
-    )
-    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-
-def set_backbone_trainable(model: torch.nn.Module, trainable: bool) -> None:
-    """Freezes (or unfreezes) every parameter but the classifier head's."""
-    head = {id(p) for p in model.get_classifier().parameters()}
-    for p in model.parameters():
-        p.requires_grad_(trainable or id(p) in head)
-
-
-def _freeze_batchnorm(model: torch.nn.Module) -> None:
-    # A frozen backbone must not drift through its BatchNorm running statistics either.
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
-def mix_batch(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig):
-    """MixUp or CutMix with the config's probabilities. Returns (images, labels_a, labels_b,
-    lam): the loss is lam * loss(labels_a) + (1 - lam) * loss(labels_b)."""
-    r = torch.rand(()).item()
-    if r >= cfg.mixup_prob + cfg.cutmix_prob or len(labels) < 2:
-        return images, labels, labels, 1.0
-    # Pair each image with its mirror in the (already shuffled) batch, as timm's Mixup does.
-    perm = torch.arange(len(labels) - 1, -1, -1, device=images.device)
-    if r < cfg.mixup_prob:
-        lam = float(torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA).sample())
-        return lam * images + (1 - lam) * images[perm], labels, labels[perm], lam
-    lam = float(torch.distributions.Beta(CUTMIX_ALPHA, CUTMIX_ALPHA).sample())
-    h, w = images.shape[-2:]
-    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-    y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    images = images.clone()
-    images[..., y1:y2, x1:x2] = images[perm][..., y1:y2, x1:x2]
-    lam = 1 - (y2 - y1) * (x2 - x1) / (h * w)  # the area actually pasted
-    return images, labels, labels[perm], lam
-
-
 @dataclass
-class StepOptions:
-    """How a batch runs: precision, layout, accumulation, mixing."""
+class FoldData:
+    """The images of one fold; no validation images means a refit on every row."""
 
-    amp: torch.dtype | None = None
-    channels_last: bool = False
-    accum: int = 1
-    cfg: TrainConfig | None = None  # for MixUp/CutMix; None: no mixing
-
-
-def to_device(images, labels, device, opts: StepOptions):
-    images = images.to(device, non_blocking=True)
-    if opts.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
-
-
-def train_one_epoch(
-    model,
-    loader,
-    optimizer,
-    scheduler,
-    criterion,
-    device,
-    opts: StepOptions | None = None,
-    scaler=None,
-) -> dict:
-    """One pass over ``loader``; an optimizer (and scheduler) step every ``opts.accum``
-    batches.
-
-    Raises:
-        NonFiniteLoss: a batch's loss is NaN or infinite.
-    """
-    opts = opts or StepOptions()
-    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
-    total, correct, loss_sum = 0, 0, 0.0
-    preds, targets = [], []
-    optimizer.zero_grad(set_to_none=True)
-    n_batches = len(loader)
-    for i, (images, labels) in enumerate(loader):
-        images, labels = to_device(images, labels, device, opts)
-        if opts.cfg is not None:
-            images, y_a, y_b, lam = mix_batch(images, labels, opts.cfg)
-        else:
-            y_a, y_b, lam = labels, labels, 1.0
-        with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
-            logits = model(images)
-            loss = (
-                criterion(logits, y_a)
-                if lam == 1.0
-                else lam * criterion(logits, y_a) + (1 - lam) * criterion(logits, y_b)
-            )
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} at lr {scheduler.get_last_lr()[0]:.2e}:"
-                " lower the lr or check the data"
-            )
-        scaler.scale(loss / opts.accum).backward()
-        if (i + 1) % opts.accum == 0 or i + 1 == n_batches:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        n = labels.numel()
-        total += n
-        loss_sum += loss.item() * n
-        pred = logits.argmax(1)
-        correct += (pred == labels).sum().item()
-        preds.append(pred.cpu())
-        targets.append(labels.cpu())
-    return _epoch_stats(loss_sum, correct, total, preds, targets)
-
-
-@torch.no_grad()
-def predict_proba(
-    model, loader, device, opts: StepOptions | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and the loader's labels, in loader order."""
-    opts = opts or StepOptions()
-    model.eval()
-    probs, labels = [], []
-    for images, y in loader:
-        images, _ = to_device(images, y, device, opts)
-        with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
-            logits = model(images)
-        probs.append(torch.softmax(logits.float(), 1).cpu())
-        labels.append(y)
-    if not probs:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
-
-
-def evaluate(
-    model, loader, criterion, device, opts: StepOptions | None = None
-) -> tuple[dict, np.ndarray]:
-    """Unweighted, unsmoothed cross-entropy (the validation loss early stopping watches),
-    accuracy and macro F1."""
-    probs, labels = predict_proba(model, loader, device, opts)
-    logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
-    loss = torch.nn.functional.nll_loss(logp, torch.from_numpy(labels), reduction="sum").item()
-    pred = probs.argmax(1)
-    stats = _epoch_stats(
-        loss,
-        int((pred == labels).sum()),
-        len(labels),
-        [torch.from_numpy(pred)],
-        [torch.from_numpy(labels)],
-    )
-    return stats, probs
-
-
-def _epoch_stats(loss_sum, correct, total, preds, targets) -> dict:
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
-    return {
-        "loss": loss_sum / max(total, 1),
-        "accuracy": correct / max(total, 1),
-        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
-
-
-def local_weights(cfg: TrainConfig) -> TrainConfig:
-    """The config with ``pretrained_file`` as a local path: a storage URI (s3://..., file://...)
-    is downloaded once into the cache ($DARKROOM_CACHE or ~/.cache/darkroom)."""
-    uri = cfg.pretrained_file
-    if not (cfg.pretrained and uri and "://" in uri):
-        return cfg
-    from darkroom.storage import open_storage
-
-    root, _, name = uri.rstrip("/").rpartition("/")
-    base = Path(os.environ.get("DARKROOM_CACHE", Path.home() / ".cache" / "darkroom"))
-    dest = base / "weights" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{name}"
-    if not dest.is_file():
-        from darkroom.storage import atomic_write_file
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_file(dest, open_storage(root).read_bytes(name))
-    return cfg.model_copy(update={"pretrained_file": str(dest)})
-
-
-# ---- one fold -------------------------------------------------------------------------------
+    train_paths: Sequence[str]
+    train_labels: Sequence[int]
+    val_paths: Sequence[str]
+    val_labels: Sequence[int]
+    num_classes: int
 
 
 @dataclass
 class FoldResult:
+    """The best epoch's weights (the last epoch's without validation) and how it got there."""
+
     model: torch.nn.Module
     best_epoch: int
     history: list[dict] = field(default_factory=list)
@@ -343,61 +80,17 @@ class FoldResult:
     stopped_early: bool = False
 
 
-def fit(
-    train_paths: Sequence[str],
-    train_labels: Sequence[int],
-    val_paths: Sequence[str],
-    val_labels: Sequence[int],
-    num_classes: int,
-    cfg: TrainConfig,
-    *,
-    device: torch.device,
-    num_workers: int = 0,
-    on_epoch: Callable[[dict], None] | None = None,
-    checkpoint: Checkpointer | None = None,
-) -> FoldResult:
-    """Trains a model on the train rows, validating each epoch; keeps the best epoch.
-
-    With ``checkpoint``, the state after every epoch is saved there and a later call continues
-    from the last saved epoch. CUDA out of memory restarts from that epoch with half the batch
-    and twice the accumulation steps (the same effective batch). Without validation rows (a
-    refit on all rows) the last epoch is kept.
-
-    Raises:
-        NonFiniteLoss: the loss became NaN or infinite.
-    """
-    batch, accum = cfg.batch_size, cfg.grad_accum_steps
-    while True:
-        try:
-            return _fit(
-                train_paths,
-                train_labels,
-                val_paths,
-                val_labels,
-                num_classes,
-                cfg,
-                device,
-                num_workers,
-                on_epoch,
-                checkpoint,
-                batch,
-                accum,
-            )
-        except torch.cuda.OutOfMemoryError:
-            if batch == 1:
-                raise
-            batch, accum = batch // 2, accum * 2
-            log.warning(
-                "CUDA out of memory: retrying from the last checkpoint with batch size "
-                "%d x %d accumulation steps",
-                batch,
-                accum,
-            )
-            release_memory()
+def release_memory() -> None:
+    """Returns cached GPU memory to the driver, so the next fold starts from an empty GPU."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass
 class _Best:
+    """The best epoch so far (the latest one without validation) and the epochs since."""
+
     loss: float = math.inf
     epoch: int = -1
     state: dict | None = None
@@ -405,221 +98,293 @@ class _Best:
     bad_epochs: int = 0
 
 
-def _fit(
-    train_paths,
-    train_labels,
-    val_paths,
-    val_labels,
-    num_classes,
-    cfg,
-    device,
-    num_workers,
-    on_epoch,
-    checkpoint,
-    batch,
-    accum,
-) -> FoldResult:
-    seed_everything(cfg.seed)
-    saved = checkpoint.load() if checkpoint else None
-    if saved and saved["batch_size"] < batch:  # an earlier attempt ran out of memory
-        batch, accum = saved["batch_size"], saved["grad_accum_steps"]
-    model = create_model(local_weights(cfg), num_classes).to(device)
+def _weights(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class Trainer:
+    """One attempt at a fold: what an epoch needs and everything it changes."""
+
+    data: FoldData
+    cfg: TrainConfig
+    model: torch.nn.Module
+    runner: torch.nn.Module  # what runs the batches: the model or its torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    opts: StepOptions  # opts.accum: batches per optimizer step
+    batch_size: int
+    device: torch.device
+    best: _Best = field(default_factory=_Best)
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0  # the first epoch this attempt trains
+
+    @classmethod
+    def build(
+        cls,
+        data: FoldData,
+        cfg: TrainConfig,
+        device: torch.device,
+        num_workers: int,
+        batch: int,
+        accum: int,
+    ) -> Trainer:
+        """A freshly seeded model with its optimizer, lr schedule and loaders, for ``batch``
+        images a batch and ``accum`` batches an optimizer step."""
+        seed_everything(cfg.seed)
+        model = create_model(local_weights(cfg), data.num_classes).to(device)
+        opts = StepOptions(
+            amp=amp_dtype(cfg, device),
+            accum=accum,
+            channels_last=cfg.channels_last and device.type == "cuda",
+            cfg=cfg if cfg.mixup_prob + cfg.cutmix_prob > 0 else None,
+        )
+        if opts.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        train_loader, val_loader = _loaders(data, cfg, model, num_workers, batch)
+        optimizer = build_optimizer(cfg, model.parameters())
+        steps = max(1, cfg.epochs * math.ceil(len(train_loader) / accum))
+        return cls(
+            data=data,
+            cfg=cfg,
+            model=model,
+            runner=torch.compile(model) if cfg.compile and device.type == "cuda" else model,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, cfg.lr_min),
+            scaler=torch.amp.GradScaler("cuda", enabled=opts.amp == torch.float16),
+            criterion=build_criterion(cfg, data.train_labels, data.num_classes, device),
+            train_loader=train_loader,
+            val_loader=val_loader,
+            opts=opts,
+            batch_size=batch,
+            device=device,
+        )
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Trains and validates ``epoch``; returns its history row.
+
+        Raises:
+            NonFiniteLoss: the training or the validation loss is NaN or infinite.
+        """
+        t0, frozen = time.perf_counter(), epoch < self.cfg.freeze_backbone_epochs
+        set_backbone_trainable(self.model, not frozen)
+        # The shuffle depends on (seed, epoch) only, so a resumed run sees the same order.
+        self.train_loader.generator.manual_seed(self.cfg.seed + epoch)
+        self.model.train()
+        if frozen:
+            freeze_batchnorm(self.model)
+        stats = train_one_epoch(
+            self.runner,
+            self.train_loader,
+            self.optimizer,
+            self.scheduler,
+            self.criterion,
+            self.device,
+            self.opts,
+            self.scaler,
+        )
+        row = {"epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "frozen_backbone": frozen}
+        row.update({f"train_{k}": v for k, v in stats.items()})
+        probs = self._validate(row) if len(self.val_loader.dataset) else None
+        row["seconds"] = time.perf_counter() - t0
+        self.history.append(row)
+        self._track_best(row, probs)
+        return row
+
+    def _validate(self, row: dict) -> np.ndarray:
+        stats, probs = evaluate(
+            self.runner, self.val_loader, self.criterion, self.device, self.opts
+        )
+        if not math.isfinite(stats["loss"]) or not np.isfinite(probs).all():
+            raise NonFiniteLoss(
+                f"validation loss became {stats['loss']} in epoch {row['epoch']}: lower "
+                "the lr or check the data"
+            )
+        row.update({f"val_{k}": v for k, v in stats.items()})
+        return probs
+
+    def _track_best(self, row: dict, probs: np.ndarray | None) -> None:
+        best, has_val = self.best, probs is not None
+        if has_val and row["val_loss"] >= best.loss:
+            best.bad_epochs += 1
+            return
+        best.loss = row["val_loss"] if has_val else math.inf
+        best.epoch, best.probs, best.bad_epochs = row["epoch"], probs, 0
+        best.state = _weights(self.model)
+
+    def patience_spent(self) -> bool:
+        """Whether early stopping ends the fold before the next epoch."""
+        patience = self.cfg.early_stopping_patience
+        return bool(patience and self.best.bad_epochs >= patience)
+
+    def state_dict(self) -> dict:
+        """The checkpoint after the last epoch run, readable by ``torch.load(weights_only=True)``:
+        tensors, numbers, lists, dicts and strings only."""
+        epoch, best = self.history[-1]["epoch"], self.best
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+            "batch_size": self.batch_size,
+            "grad_accum_steps": self.opts.accum,
+            "best": {
+                "loss": best.loss,
+                "epoch": best.epoch,
+                "bad_epochs": best.bad_epochs,
+                # the best weights are the current ones: stored once, as "model"
+                "state": None if best.epoch == epoch else best.state,
+                "probs": None if best.probs is None else torch.from_numpy(best.probs),
+            },
+        }
+
+    def save(self, checkpointer: Checkpointer) -> None:
+        """Saves ``state_dict()`` to ``checkpointer``."""
+        checkpointer.save(self.state_dict())
+
+    def restore(self, saved: dict) -> None:
+        """Continues from a ``state_dict()``: the next epoch is the one after the saved one."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved["scaler"]:  # a disabled scaler saves an empty dict and refuses to load one
+            self.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        b = saved["best"]
+        self.best = _Best(
+            loss=b["loss"],
+            epoch=b["epoch"],
+            state=_weights(self.model) if b["state"] is None else b["state"],
+            probs=None if b["probs"] is None else b["probs"].numpy(),
+            bad_epochs=b["bad_epochs"],
+        )
+        self.history = list(saved["history"])
+        self.start_epoch = saved["epoch"] + 1
+
+    def close(self) -> None:
+        """Shuts the loaders' persistent worker processes down."""
+        stop_workers(self.train_loader)
+        stop_workers(self.val_loader)
+
+    def result(self, stopped_early: bool) -> FoldResult:
+        """The best epoch's weights, in the default memory layout, and the run's record."""
+        if self.best.state is not None:
+            self.model.load_state_dict(self.best.state)
+        if self.opts.channels_last:  # callers save and serve the model in the default layout
+            self.model = self.model.to(memory_format=torch.contiguous_format)
+        probs, mean, std = self.best.probs, *mean_std(self.model)
+        return FoldResult(
+            model=self.model,
+            best_epoch=self.best.epoch,
+            history=self.history,
+            val_probs=np.zeros((0, self.data.num_classes), np.float32) if probs is None else probs,
+            mean=mean,
+            std=std,
+            resumed_from_epoch=self.start_epoch,
+            batch_size=self.batch_size,
+            grad_accum_steps=self.opts.accum,
+            stopped_early=stopped_early,
+        )
+
+
+def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int, batch: int):
+    """The shuffled, augmented train loader and the validation loader in file order."""
     mean, std = mean_std(model)
-    opts = StepOptions(
-        amp=amp_dtype(cfg, device),
-        accum=accum,
-        channels_last=cfg.channels_last and device.type == "cuda",
-        cfg=cfg if cfg.mixup_prob + cfg.cutmix_prob > 0 else None,
-    )
-    if opts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # A last batch of one breaks BatchNorm in train mode; drop it when it would happen.
-    train_loader = make_loader(
-        train_paths,
-        train_labels,
+    train = make_loader(
+        data.train_paths,
+        data.train_labels,
         build_transform(cfg.image_size, mean, std, cfg.augment),
         batch,
         shuffle=True,
         num_workers=num_workers,
         seed=cfg.seed,
-        drop_last=len(train_paths) % batch == 1,
+        drop_last=len(data.train_paths) % batch == 1,  # a batch of one breaks BatchNorm
     )
-    val_loader = make_loader(
-        val_paths,
-        val_labels,
+    val = make_loader(
+        data.val_paths,
+        data.val_labels,
         build_transform(cfg.image_size, mean, std, "none"),
         batch,
         shuffle=False,
         num_workers=num_workers,
     )
-    optimizer = build_optimizer(cfg, model.parameters())
-    steps = max(1, cfg.epochs * math.ceil(len(train_loader) / accum))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=steps, eta_min=cfg.lr_min
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=opts.amp == torch.float16)
-    criterion = build_criterion(cfg, train_labels, num_classes, device)
-    best, history, start = _Best(), [], 0
-    if saved:
-        start, history, best = _restore(saved, model, optimizer, scheduler, scaler)
-        log.info("resuming from the checkpoint of epoch %d", start)
-    runner = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    stopped_early = False
-    for epoch in range(start, cfg.epochs):
-        if (
-            best.bad_epochs
-            and cfg.early_stopping_patience
-            and best.bad_epochs >= cfg.early_stopping_patience
-        ):
-            stopped_early = True
-            break
-        row, probs = _run_epoch(
-            runner,
-            model,
-            epoch,
-            cfg,
-            train_loader,
-            val_loader,
-            optimizer,
-            scheduler,
-            scaler,
-            criterion,
-            device,
-            opts,
+    return train, val
+
+
+def fit(
+    data: FoldData,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
+) -> FoldResult:
+    """Trains a model on the train images, validating each epoch; keeps the best epoch.
+
+    With ``checkpoint``, the state after every epoch is saved there and a later call continues
+    from the last saved epoch. CUDA out of memory restarts from that epoch with half the batch
+    and twice the accumulation steps (the same effective batch). Without validation images (a
+    refit on every row) the last epoch is kept.
+
+    Args:
+        data: The fold's train and validation images.
+        cfg: The recipe; its batch size and accumulation steps are where the batch starts.
+        device: Where the model trains.
+        num_workers: DataLoader worker processes per loader, shut down when the fold ends.
+        on_epoch: Called with each epoch's history row, after its checkpoint is saved.
+        checkpoint: Where the training state is saved after each epoch and resumed from.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN or infinite.
+        torch.cuda.OutOfMemoryError: even a batch of one image does not fit.
+    """
+    batch, accum = cfg.batch_size, cfg.grad_accum_steps
+    while True:
+        try:
+            saved = checkpoint.load() if checkpoint else None
+            if saved and saved["batch_size"] < batch:  # an earlier attempt ran out of memory
+                batch, accum = saved["batch_size"], saved["grad_accum_steps"]
+            trainer = Trainer.build(data, cfg, device, num_workers, batch, accum)
+            return _train(trainer, saved, checkpoint, on_epoch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        # Out here the traceback is gone, so the failed attempt's GPU memory can be freed.
+        saved = trainer = None
+        batch, accum = batch // 2, accum * 2
+        log.warning(
+            "CUDA out of memory: retrying from the last checkpoint with batch size "
+            "%d x %d accumulation steps",
+            batch,
+            accum,
         )
-        history.append(row)
-        _track_best(best, row, probs, model, epoch, has_val=len(val_paths) > 0)
-        if checkpoint:
-            checkpoint.save(
-                _state(epoch, model, optimizer, scheduler, scaler, best, history, batch, accum)
-            )
-        if on_epoch:
-            on_epoch(row)
-    for loader in (train_loader, val_loader):
-        _stop_workers(loader)
-    if best.state is not None:
-        model.load_state_dict(best.state)
-    if opts.channels_last:  # callers save and serve the model in the default layout
-        model = model.to(memory_format=torch.contiguous_format)
-    probs = best.probs if best.probs is not None else np.zeros((0, num_classes), np.float32)
-    return FoldResult(
-        model=model,
-        best_epoch=best.epoch,
-        history=history,
-        val_probs=probs,
-        mean=mean,
-        std=std,
-        resumed_from_epoch=start,
-        batch_size=batch,
-        grad_accum_steps=accum,
-        stopped_early=stopped_early,
-    )
+        release_memory()
 
 
-def _stop_workers(loader: DataLoader) -> None:
-    """Persistent workers would otherwise live until garbage collection, holding memory and
-    open files after the fold is done."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None
-
-
-def _run_epoch(
-    runner,
-    model,
-    epoch,
-    cfg,
-    train_loader,
-    val_loader,
-    optimizer,
-    scheduler,
-    scaler,
-    criterion,
-    device,
-    opts,
-) -> tuple[dict, np.ndarray | None]:
-    t0 = time.perf_counter()
-    frozen = epoch < cfg.freeze_backbone_epochs
-    set_backbone_trainable(model, not frozen)
-    # The loader's shuffle depends on (seed, epoch) only, so a resumed run sees the same order.
-    train_loader.generator.manual_seed(cfg.seed + epoch)
-    model.train()
-    if frozen:
-        _freeze_batchnorm(model)
-    tr = train_one_epoch(
-        runner, train_loader, optimizer, scheduler, criterion, device, opts, scaler
-    )
-    row = {
-        "epoch": epoch,
-        "lr": scheduler.get_last_lr()[0],
-        "frozen_backbone": frozen,
-        **{f"train_{k}": v for k, v in tr.items()},
-    }
-    probs = None
-    if len(val_loader.dataset):
-        va, probs = evaluate(runner, val_loader, criterion, device, opts)
-        if not math.isfinite(va["loss"]) or not np.isfinite(probs).all():
-            raise NonFiniteLoss(
-                f"validation loss became {va['loss']} in epoch {epoch}: lower "
-                "the lr or check the data"
-            )
-        row.update({f"val_{k}": v for k, v in va.items()})
-    row["seconds"] = time.perf_counter() - t0
-    return row, probs
-
-
-def _track_best(best: _Best, row: dict, probs, model, epoch: int, has_val: bool) -> None:
-    if has_val and row["val_loss"] >= best.loss:
-        best.bad_epochs += 1
-        return
-    best.loss = row["val_loss"] if has_val else math.inf
-    best.epoch, best.probs, best.bad_epochs = epoch, probs, 0
-    best.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _state(epoch, model, optimizer, scheduler, scaler, best: _Best, history, batch, accum) -> dict:
-    """A checkpoint that ``torch.load(weights_only=True)`` can read: tensors, numbers, lists,
-    dicts and strings only."""
-    same = best.epoch == epoch  # the best weights are the current ones: store them once
-    return {
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-        "history": history,
-        "batch_size": batch,
-        "grad_accum_steps": accum,
-        "best": {
-            "loss": best.loss,
-            "epoch": best.epoch,
-            "bad_epochs": best.bad_epochs,
-            "state": None if same else best.state,
-            "probs": None if best.probs is None else torch.from_numpy(best.probs),
-        },
-    }
-
-
-def _restore(saved: dict, model, optimizer, scheduler, scaler) -> tuple[int, list, _Best]:
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if saved["scaler"]:  # a disabled scaler saves an empty dict and refuses to load one
-        scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"])
-    b = saved["best"]
-    state = (
-        b["state"]
-        if b["state"] is not None
-        else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    )
-    best = _Best(
-        loss=b["loss"],
-        epoch=b["epoch"],
-        state=state,
-        bad_epochs=b["bad_epochs"],
-        probs=None if b["probs"] is None else b["probs"].numpy(),
-    )
-    return saved["epoch"] + 1, list(saved["history"]), best
+def _train(trainer: Trainer, saved: dict | None, checkpoint, on_epoch) -> FoldResult:
+    """Runs ``trainer``'s epochs (after ``saved``'s, if given) up to early stopping."""
+    if saved:
+        trainer.restore(saved)
+        log.info("resuming after the checkpoint of epoch %d", saved["epoch"])
+    stopped_early = False
+    try:
+        for epoch in range(trainer.start_epoch, trainer.cfg.epochs):
+            if trainer.patience_spent():
+                stopped_early = True
+                break
+            row = trainer.run_epoch(epoch)
+            if checkpoint:
+                trainer.save(checkpoint)
+            if on_epoch:
+                on_epoch(row)
+    finally:
+        trainer.close()
+    return trainer.result(stopped_early)

@@ -7,46 +7,35 @@ schema metadata under ``darkroom``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.model_selection import StratifiedKFold
 
+from darkroom import layout
+from darkroom.config import RetrainConfig
+from darkroom.progress import Progress
 from darkroom.storage import Storage
-from darkroom.sync import CachedObject
+from darkroom.sync import CachedObject, load_manifest
 
 log = logging.getLogger(__name__)
 
-LABELED = "labeled/"
-INDEX_PREFIX = "index/"
-LATEST = "index/latest.json"
-META_KEY = b"darkroom"
 COLUMNS = [
-    "image_id",
-    "key",
-    "label",
-    "class_index",
-    "split",
-    "fold",
-    "width",
-    "height",
-    "channels",
-    "format",
-    "bytes",
-    "etag",
-    "status",
-    "error",
-]
+    "image_id", "key", "label", "class_index", "split", "fold", "width", "height", "channels",
+    "format", "bytes", "etag", "status", "error",
+]  # fmt: skip
+# What describing a file finds out (the rest of a row comes from the listing and the split).
+DESCRIBED = ["image_id", "bytes", "width", "height", "channels", "format", "status", "error"]
 
 
 class DatasetError(ValueError):
@@ -86,25 +75,95 @@ def is_holdout(image_id: str, fraction: float) -> bool:
 
 def read_label_file(storage: Storage) -> dict[str, str]:
     """Labels from ``labels.parquet`` or ``labels.csv`` at the root (columns key, label)."""
-    for name in ("labels.parquet", "labels.csv"):
+    for name in layout.LABEL_FILES:
         if not storage.exists(name):
             continue
-        raw = io.BytesIO(storage.read_bytes(name))
-        df = pd.read_parquet(raw) if name.endswith(".parquet") else pd.read_csv(raw, dtype=str)
+        df = (
+            storage.read_parquet(name)
+            if name.endswith(".parquet")
+            else storage.read_csv(name, dtype=str)
+        )
         if not {"key", "label"} <= set(df.columns):
             raise DatasetError(
                 f"{storage.url(name)} needs the columns 'key' and 'label'; "
                 f"it has {list(df.columns)}"
             )
         df = df.dropna(subset=["key", "label"])  # a blank cell is no override, not "nan"
-        keys = [k if k.startswith(LABELED) else LABELED + k for k in df["key"].astype(str)]
+        keys = [layout.labeled_key(k) for k in df["key"].astype(str)]
         return dict(zip(keys, df["label"].astype(str), strict=True))
     return {}
 
 
-def label_from_key(key: str) -> str | None:
-    parts = key[len(LABELED) :].split("/")
-    return parts[0] if len(parts) > 1 else None
+def _unreadable_row(size: int, error: str) -> dict:
+    return {
+        "image_id": "",
+        "bytes": size,
+        "width": -1,
+        "height": -1,
+        "channels": -1,
+        "format": "",
+        "status": "unreadable",
+        "error": error,
+    }
+
+
+def _reused_row(old) -> dict:
+    """An earlier index's row for the same (key, etag): no need to read the file again."""
+    row = {c: getattr(old, c) for c in DESCRIBED}
+    if row["status"] not in ("ok", "unreadable"):
+        row.update(status="ok", error="")  # exclusions are judged again on the new set
+    return row
+
+
+def describe_rows(
+    objects: Mapping[str, CachedObject],
+    labels: Mapping[str, str],
+    previous: pd.DataFrame | None = None,
+    progress: Progress = None,
+) -> pd.DataFrame:
+    """One row per synced object: content hash, size, dimensions, label and status."""
+    reuse = {}
+    if previous is not None and len(previous):
+        reuse = {(r.key, r.etag): r for r in previous.itertuples(index=False)}
+    rows = []
+    for i, (key, obj) in enumerate(sorted(objects.items()), 1):
+        old = reuse.get((key, obj.etag))
+        try:
+            row = _reused_row(old) if old is not None else describe_image(obj.path)
+        except OSError as e:
+            row = _unreadable_row(obj.size, str(e))
+        label = labels.get(key) or layout.label_from_key(key)
+        row.update(key=key, etag=obj.etag, label=label or "")
+        if row["status"] == "ok" and not label:
+            row.update(status="unlabeled", error="no class folder and no entry in labels file")
+        rows.append(row)
+        if progress:
+            progress(i, len(objects))
+    return pd.DataFrame(rows, columns=["key", "etag", "label", *DESCRIBED])
+
+
+def assign_splits(df: pd.DataFrame, holdout_fraction: float) -> tuple[pd.DataFrame, list[str]]:
+    """Class indices (sorted class names) and the train/holdout split of the usable rows."""
+    ok = df["status"] == "ok"
+    classes = sorted(df.loc[ok, "label"].unique().tolist())
+    class_to_index = {c: i for i, c in enumerate(classes)}
+    df["class_index"] = df["label"].map(class_to_index).where(ok, -1).fillna(-1).astype("int64")
+    held = df["image_id"].map(lambda h: is_holdout(h, holdout_fraction) if h else False)
+    df["split"] = np.where(ok & held, "holdout", np.where(ok, "train", ""))
+    return df, classes
+
+
+def assign_folds(df: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
+    """Stratified folds of the train rows, in content-hash order so that the assignment
+    does not depend on listing order."""
+    df["fold"] = -1
+    train = df.index[df["split"] == "train"]
+    order = df.loc[train].sort_values("image_id").index
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, val_idx) in enumerate(skf.split(np.zeros(len(order)), df.loc[order, "class_index"])):
+        df.loc[order[val_idx], "fold"] = k
+    df["fold"] = df["fold"].astype("int64")
+    return df
 
 
 def build_index(
@@ -115,9 +174,9 @@ def build_index(
     seed: int = 42,
     holdout_fraction: float = 0.1,
     previous: pd.DataFrame | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Builds index rows for the synced labeled images.
+    """Index rows for the synced labeled images: describe, exclude, split, fold.
 
     Args:
         objects: synced objects under ``labeled/`` with local paths.
@@ -130,73 +189,10 @@ def build_index(
     Raises:
         DatasetError: fewer than two classes, or a class with fewer train images than folds.
     """
-    labels = labels or {}
-    reuse = {}
-    if previous is not None and len(previous):
-        reuse = {(r.key, r.etag): r for r in previous.itertuples(index=False)}
-    rows = []
-    for i, (key, obj) in enumerate(sorted(objects.items()), 1):
-        old = reuse.get((key, obj.etag))
-        if old is not None:
-            row = {
-                c: getattr(old, c)
-                for c in (
-                    "image_id",
-                    "bytes",
-                    "width",
-                    "height",
-                    "channels",
-                    "format",
-                    "status",
-                    "error",
-                )
-            }
-            if row["status"] not in ("ok", "unreadable"):
-                row.update(status="ok", error="")  # re-judged below
-        else:
-            try:
-                row = describe_image(obj.path)
-            except OSError as e:
-                row = {
-                    "image_id": "",
-                    "bytes": obj.size,
-                    "width": -1,
-                    "height": -1,
-                    "channels": -1,
-                    "format": "",
-                    "status": "unreadable",
-                    "error": str(e),
-                }
-        label = labels.get(key) or label_from_key(key)
-        row.update(key=key, etag=obj.etag, label=label or "")
-        if row["status"] == "ok" and not label:
-            row.update(status="unlabeled", error="no class folder and no entry in labels file")
-        rows.append(row)
-        if progress:
-            progress(i, len(objects))
-
-    df = pd.DataFrame(
-        rows, columns=[c for c in COLUMNS if c not in ("class_index", "split", "fold")]
-    )
-    df = _mark_duplicates(df)
-    ok = df["status"] == "ok"
-    classes = sorted(df.loc[ok, "label"].unique().tolist())
-    class_to_index = {c: i for i, c in enumerate(classes)}
-    df["class_index"] = df["label"].map(class_to_index).where(ok, -1).fillna(-1).astype("int64")
-    df["split"] = np.where(
-        ok & df["image_id"].map(lambda h: is_holdout(h, holdout_fraction) if h else False),
-        "holdout",
-        np.where(ok, "train", ""),
-    )
-    df["fold"] = -1
+    df = describe_rows(objects, labels or {}, previous, progress)
+    df, classes = assign_splits(_mark_duplicates(df), holdout_fraction)
     _check_trainable(df, classes, folds)
-    train = df.index[df["split"] == "train"]
-    # Sort by content hash so fold assignment does not depend on listing order.
-    order = df.loc[train].sort_values("image_id").index
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, val_idx) in enumerate(skf.split(np.zeros(len(order)), df.loc[order, "class_index"])):
-        df.loc[order[val_idx], "fold"] = k
-    df["fold"] = df["fold"].astype("int64")
+    df = assign_folds(df, folds, seed)
     return df[COLUMNS].reset_index(drop=True), classes
 
 
@@ -245,18 +241,10 @@ def snapshot_id(df: pd.DataFrame, classes: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def to_parquet_bytes(df: pd.DataFrame, meta: dict) -> bytes:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    merged = {**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()}
-    buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(merged), buf)
-    return buf.getvalue()
-
-
 def write_index(storage: Storage, df: pd.DataFrame, classes: list[str], **info) -> dict:
     """Writes the snapshot (once: snapshots are immutable), then the pointer."""
     snap = snapshot_id(df, classes)
-    key = f"{INDEX_PREFIX}{snap}.parquet"
+    key = layout.index_snapshot(snap)
     counts = df["status"].value_counts().to_dict()
     meta = {
         "snapshot": snap,
@@ -267,7 +255,7 @@ def write_index(storage: Storage, df: pd.DataFrame, classes: list[str], **info) 
         **info,
     }
     if not storage.exists(key):
-        storage.write_bytes(key, to_parquet_bytes(df, meta))
+        storage.write_parquet(key, df, meta=meta)
     pointer = {
         "snapshot": snap,
         "key": key,
@@ -276,30 +264,92 @@ def write_index(storage: Storage, df: pd.DataFrame, classes: list[str], **info) 
         "status_counts": counts,
         "updated_at": meta["created_at"],
     }
-    storage.write_text(LATEST, json.dumps(pointer, indent=2))
+    storage.write_json(layout.INDEX_LATEST, pointer)
     return pointer
 
 
-def read_index(
-    storage: Storage, snapshot: str | None = None
-) -> tuple[pd.DataFrame, list[str], str]:
-    """Reads a snapshot (default: the latest). Returns (rows, class names, snapshot id)."""
+class Snapshot(NamedTuple):
+    rows: pd.DataFrame
+    classes: list[str]
+    snapshot: str
+
+
+def read_index(storage: Storage, snapshot: str | None = None) -> Snapshot:
+    """Reads a snapshot (default: the latest)."""
     if snapshot is None:
-        if not storage.exists(LATEST):
-            raise FileNotFoundError(f"no index at {storage.url(LATEST)}: run a retrain first")
-        snapshot = json.loads(storage.read_text(LATEST))["snapshot"]
-    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{INDEX_PREFIX}{snapshot}.parquet")))
-    meta = json.loads(table.schema.metadata[META_KEY])
-    return table.to_pandas(), meta["classes"], snapshot
+        pointer = storage.read_json(layout.INDEX_LATEST, missing_ok=True)
+        if pointer is None:
+            raise FileNotFoundError(
+                f"no index at {storage.url(layout.INDEX_LATEST)}: run a retrain first"
+            )
+        snapshot = pointer["snapshot"]
+    df = storage.read_parquet(layout.index_snapshot(snapshot))
+    return Snapshot(df, df.attrs["darkroom"]["classes"], snapshot)
 
 
-def summarize(df: pd.DataFrame) -> dict:
+def summarize(df: pd.DataFrame) -> IndexSummary:
     ok = df[df["status"] == "ok"]
-    return {
-        "images": len(df),
-        "usable": len(ok),
-        "train": int((ok["split"] == "train").sum()),
-        "holdout": int((ok["split"] == "holdout").sum()),
-        "classes": int(ok["label"].nunique()),
-        "excluded": df.loc[df["status"] != "ok", "status"].value_counts().to_dict(),
-    }
+    return IndexSummary(
+        images=len(df),
+        usable=len(ok),
+        train=int((ok["split"] == "train").sum()),
+        holdout=int((ok["split"] == "holdout").sum()),
+        classes=int(ok["label"].nunique()),
+        excluded={
+            k: int(v) for k, v in df.loc[df["status"] != "ok", "status"].value_counts().items()
+        },
+    )
+
+
+@dataclass
+class IndexSummary:
+    images: int
+    usable: int
+    train: int
+    holdout: int
+    classes: int
+    excluded: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class IndexResult:
+    """What the index stage wrote: the snapshot, its pointer's facts and a summary."""
+
+    snapshot: str
+    key: str
+    classes: list[str]
+    rows: int
+    summary: IndexSummary
+    quarantine: str | None = None
+
+
+def rebuild_index(
+    storage: Storage, config: RetrainConfig, run_name: str, progress: Progress = None
+) -> IndexResult:
+    """The index stage: indexes the synced labeled images (reusing the previous snapshot's
+    rows for unchanged objects), writes the snapshot, the pointer and a quarantine report of
+    unusable images."""
+    objects = load_manifest(config.cache_path(storage), layout.LABELED)
+    previous = None
+    with contextlib.suppress(FileNotFoundError):
+        previous = read_index(storage).rows
+    cfg = config.train
+    df, classes = build_index(
+        objects,
+        labels=read_label_file(storage),
+        folds=cfg.folds,
+        seed=cfg.seed,
+        holdout_fraction=config.holdout_fraction,
+        previous=previous,
+        progress=progress,
+    )
+    info = {"folds": cfg.folds, "seed": cfg.seed, "holdout_fraction": config.holdout_fraction}
+    pointer = write_index(storage, df, classes, **info)
+    bad = df[df["status"] != "ok"]
+    quarantine = None
+    if len(bad):
+        quarantine = layout.quarantine(run_name)
+        storage.write_parquet(quarantine, bad)
+    return IndexResult(
+        pointer["snapshot"], pointer["key"], classes, len(df), summarize(df), quarantine
+    )

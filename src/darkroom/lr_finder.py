@@ -9,82 +9,81 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from darkroom.config import TrainConfig
+from darkroom import layout, plots
+from darkroom.config import RetrainConfig, TrainConfig
 from darkroom.data import build_transform
 from darkroom.model import create_model, mean_std
-from darkroom.fit import (
-    StepOptions,
-    amp_dtype,
-    build_criterion,
-    build_optimizer,
-    local_weights,
-    make_loader,
-    seed_everything,
-    to_device,
-)
+from darkroom.recipe import amp_dtype, build_criterion, build_optimizer, local_weights
+from darkroom.rng import seed_everything
+from darkroom.steps import StepOptions, make_loader, to_device
+from darkroom.storage import Storage
+
+START_LR, END_LR = 1e-7, 10.0
+SMOOTHING = 0.98  # of the running mean of the loss
+DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum
 
 
-def range_test(
-    train_paths: Sequence[str],
-    train_labels: Sequence[int],
-    num_classes: int,
-    cfg: TrainConfig,
-    *,
-    device: torch.device,
-    num_workers: int = 0,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    steps: int = 100,
-    smoothing: float = 0.98,
-    diverge: float = 4.0,
-) -> dict:
-    """Runs up to ``steps`` optimizer steps with the lr going from ``start_lr`` to ``end_lr``
-    geometrically; stops once the smoothed loss exceeds ``diverge`` x its minimum.
-
-    Returns:
-        ``lrs`` and smoothed ``losses`` per step, ``suggested_lr`` (steepest descent of the
-        loss before its minimum) and ``min_loss_lr``.
-    """
+def _setup(paths, labels, num_classes: int, cfg: TrainConfig, device, num_workers: int):
+    """A fresh model, its optimizer (lr set per step), criterion, loader and step options."""
     seed_everything(cfg.seed)
     model = create_model(local_weights(cfg), num_classes).to(device)
     mean, std = mean_std(model)
     loader = make_loader(
-        train_paths,
-        train_labels,
+        paths,
+        labels,
         build_transform(cfg.image_size, mean, std, cfg.augment),
         cfg.batch_size,
         shuffle=True,
         num_workers=num_workers,
         seed=cfg.seed,
-        drop_last=len(train_paths) > cfg.batch_size,
+        drop_last=len(paths) > cfg.batch_size,
     )
-    optimizer = build_optimizer(
-        cfg.model_copy(update={"lr": start_lr, "lr_min": 0.0}), model.parameters()
+    optimizer = build_optimizer(cfg, model.parameters())
+    criterion = build_criterion(cfg, labels, num_classes, device)
+    return model, optimizer, criterion, loader, StepOptions(amp=amp_dtype(cfg, device))
+
+
+def range_test(
+    paths: Sequence[str],
+    labels: Sequence[int],
+    num_classes: int,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    steps: int = 100,
+) -> dict:
+    """Runs up to ``steps`` optimizer steps with the lr going from START_LR to END_LR
+    geometrically; stops once the smoothed loss exceeds DIVERGE x its minimum.
+
+    Returns:
+        ``lrs`` and smoothed ``losses`` per step, ``suggested_lr`` (steepest descent of the
+        loss before its minimum) and ``min_loss_lr``.
+    """
+    model, optimizer, criterion, loader, opts = _setup(
+        paths, labels, num_classes, cfg, device, num_workers
     )
-    criterion = build_criterion(cfg, train_labels, num_classes, device)
-    opts = StepOptions(amp=amp_dtype(cfg, device))
-    gamma = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
+    gamma = (END_LR / START_LR) ** (1 / max(steps - 1, 1))
     lrs, losses, avg, best = [], [], 0.0, math.inf
     model.train()
     batches = _cycle(loader)
     for step in range(steps):
-        lr = start_lr * gamma**step
+        lr = START_LR * gamma**step
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, labels = to_device(*next(batches), device, opts)
+        images, targets = to_device(*next(batches), device, opts)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
-            loss = criterion(model(images), labels)
+            loss = criterion(model(images), targets)
         if not torch.isfinite(loss):
             break
         loss.backward()
         optimizer.step()
-        avg = smoothing * avg + (1 - smoothing) * loss.item()
-        smoothed = avg / (1 - smoothing ** (step + 1))  # bias correction of the running mean
+        avg = SMOOTHING * avg + (1 - SMOOTHING) * loss.item()
         lrs.append(lr)
-        losses.append(smoothed)
-        best = min(best, smoothed)
-        if smoothed > diverge * best:
+        losses.append(avg / (1 - SMOOTHING ** (step + 1)))  # bias-corrected running mean
+        best = min(best, losses[-1])
+        if losses[-1] > DIVERGE * best:
             break
     return {"lrs": lrs, "losses": losses, **suggest(lrs, losses)}
 
@@ -105,3 +104,44 @@ def suggest(lrs: Sequence[float], losses: Sequence[float]) -> dict:
 def _cycle(loader):
     while True:
         yield from loader
+
+
+def find_lr(
+    storage: Storage, config: RetrainConfig, steps: int = 100, snapshot: str | None = None
+) -> dict:
+    """The lr range test on the train rows of ``snapshot`` (default: the current index).
+    Writes ``reports/lr_finder/<snapshot>-<config>.png`` and ``.json``; returns the result
+    with their URLs."""
+    from darkroom.fit import release_memory
+    from darkroom.index import read_index
+    from darkroom.model import resolve_device
+    from darkroom.sync import local_paths
+
+    df, classes, snapshot = read_index(storage, snapshot)
+    rows, cfg = df[df["split"] == "train"], config.train
+    paths = local_paths(storage, rows, config.cache_path(storage))
+    device = resolve_device(config.device)
+    try:
+        result = range_test(
+            paths,
+            rows["class_index"].tolist(),
+            len(classes),
+            cfg,
+            device=device,
+            num_workers=config.num_workers,
+            steps=steps,
+        )
+    finally:
+        release_memory()
+    key = lambda ext: layout.lr_finder(snapshot, cfg.fingerprint(), ext)  # noqa: E731
+    png = plots.lr_finder_png(result["lrs"], result["losses"], result["suggested_lr"])
+    storage.write_bytes(key("png"), png)
+    out = {
+        **result,
+        "snapshot": snapshot,
+        "train_config": cfg.model_dump(mode="json"),
+        "plot": storage.url(key("png")),
+        "json": storage.url(key("json")),
+    }
+    storage.write_json(key("json"), out)
+    return out

@@ -9,6 +9,26 @@ from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_
 SCALARS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "top5_accuracy")
 
 
+def _macro_scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple:
+    if not len(y_true):  # sklearn refuses empty input
+        return 0.0, 0.0, 0.0
+    p, r, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(n_classes), average="macro", zero_division=0
+    )
+    return float(p), float(r), float(f1)
+
+
+def _topk(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> dict:
+    # top-k with k >= the class count is 1.0 by construction: only report it when it says
+    # something (top-1 always does)
+    out = {}
+    for k in (1, 5):
+        if (k == 1 or k < n_classes) and len(y_true):
+            topk = np.argsort(-probs, axis=1)[:, :k]
+            out[f"top{k}_accuracy"] = float((topk == y_true[:, None]).any(1).mean())
+    return out
+
+
 def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: list[str], train_counts: list[int] | None = None
 ) -> dict:
@@ -25,48 +45,33 @@ def classification_metrics(
     probs = np.asarray(probs, dtype=np.float64)
     if len(probs):  # float32 softmax sums drift from 1; classes a model lacks leave a gap
         probs = probs / np.clip(probs.sum(1, keepdims=True), 1e-12, None)
-    n_classes = len(classes)
-    labels = np.arange(n_classes)
+    n, labels = len(classes), np.arange(len(classes))
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
-    p, r, f1, _ = (
-        precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average="macro", zero_division=0
-        )
-        if len(y_true)
-        else (0.0, 0.0, 0.0, None)
-    )  # sklearn refuses empty input
+    p, r, f1 = _macro_scores(y_true, y_pred, n)
     cm = (
         confusion_matrix(y_true, y_pred, labels=labels)
         if len(y_true)
-        else np.zeros((n_classes, n_classes), dtype=np.int64)
+        else np.zeros((n, n), dtype=np.int64)
     )
     support = cm.sum(1)
-    per_class = {
-        c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)
-    }
     out = {
         "n": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
-        "precision_macro": float(p),
-        "recall_macro": float(r),
-        "f1_macro": float(f1),
+        "precision_macro": p,
+        "recall_macro": r,
+        "f1_macro": f1,
         "log_loss": float(log_loss(y_true, np.clip(probs, 1e-12, 1), labels=labels))
         if len(y_true)
         else None,
         "confusion_matrix": cm.tolist(),
-        "per_class_accuracy": per_class,
+        "per_class_accuracy": {
+            c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)
+        },
         "per_class_support": {c: int(s) for c, s in zip(classes, support, strict=True)},
+        **_topk(y_true, probs, n),
     }
     if train_counts is not None:
-        out["per_class_train_images"] = {
-            c: int(n) for c, n in zip(classes, train_counts, strict=True)
-        }
-    for k in (1, 5):
-        # top-k with k >= the class count is 1.0 by construction: only report it when it says
-        # something (top-1 always does)
-        if (k == 1 or k < n_classes) and len(y_true):
-            topk = np.argsort(-probs, axis=1)[:, :k]
-            out[f"top{k}_accuracy"] = float((topk == y_true[:, None]).any(1).mean())
+        out["per_class_train_images"] = dict(zip(classes, map(int, train_counts), strict=True))
     return out
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -62,6 +65,53 @@ def load_weights(model: torch.nn.Module, data: bytes, expected_sha256: str | Non
         )
     model.load_state_dict(st_load(data))
     return model
+
+
+def hub_config(
+    model: torch.nn.Module,
+    backbone: str,
+    classes: Sequence[str],
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict:
+    """timm's hub ``config.json`` for a model version, as ``timm.models.save_for_hf`` writes it
+    (through timm's own ``save_config_for_hf``). Beside ``model.safetensors`` it makes the
+    folder load with ``timm.create_model("local-dir:<folder>", pretrained=True)``, class names
+    in ``pretrained_cfg["label_names"]``; timm's ``resolve_data_config`` + ``create_transform``
+    then squash to ``image_size`` and normalise as darkroom does (up to PIL's antialiased
+    resize versus OpenCV's).
+
+    Raises:
+        ValueError: the model is not a ``backbone``, or its head does not fit ``classes``.
+    """
+    from timm.models import get_arch_name
+    from timm.models._hub import save_config_for_hf
+
+    arch, model_arch = get_arch_name(backbone), model.pretrained_cfg.get("architecture")
+    if model_arch != arch:
+        raise ValueError(f"the model is a timm {model_arch!r}, not the backbone {backbone!r}")
+    classes = [str(c) for c in classes]
+    if model.num_classes != len(classes):
+        raise ValueError(f"the model has {model.num_classes} outputs for {len(classes)} classes")
+    data_config = {
+        "input_size": (3, int(image_size), int(image_size)),
+        "mean": tuple(float(x) for x in mean),
+        "std": tuple(float(x) for x in std),
+        "interpolation": "bilinear",  # albumentations' A.Resize default, cv2.INTER_LINEAR
+        "crop_pct": 1.0,
+        "crop_mode": "squash",  # A.Resize(image_size, image_size): no aspect ratio, no crop
+    }
+    with tempfile.TemporaryDirectory(prefix="darkroom-hub-") as tmp:
+        path = Path(tmp) / "config.json"
+        model_config = {"num_classes": len(classes), "label_names": classes}
+        save_config_for_hf(model, str(path), model_config=model_config, data_config=data_config)
+        config = json.loads(path.read_text())
+    # A test-time size would override darkroom's (use_test_size); the root label_names are the
+    # ones timm's loader uses, so a source checkpoint's labels must not linger.
+    for key in ("test_input_size", "test_crop_pct", "label_names", "label_descriptions"):
+        config["pretrained_cfg"].pop(key, None)
+    return config
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -7,20 +7,24 @@ touches boto3 or the folder layout.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import posixpath
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
+from darkroom import layout
+
 DEFAULT_STORAGE = "file://./data/bucket"
 
 # darkroom reads these prefixes and never writes, moves or deletes anything under them.
-READ_ONLY_PREFIXES = ("labeled/", "incoming/")
+READ_ONLY_PREFIXES = (layout.LABELED, layout.INCOMING)
+PARQUET_META = b"darkroom"  # where write_parquet keeps its ``meta`` in the file's schema
 
 
 class StorageError(RuntimeError):
@@ -133,6 +137,53 @@ class Storage:
 
     def write_text(self, key: str, text: str, **kw) -> str:
         return self.write_bytes(key, text.encode("utf-8"), **kw)
+
+    def read_json(self, key: str, *, missing_ok: bool = False):
+        """The parsed JSON document at ``key``; None when absent and ``missing_ok``."""
+        try:
+            return json.loads(self.read_bytes(key))
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise
+
+    def write_json(self, key: str, obj, **kw) -> str:
+        """Writes ``obj`` as indented JSON; ``kw`` are write_bytes' conditions."""
+        return self.write_text(key, json.dumps(obj, indent=2, default=str), **kw)
+
+    def read_parquet(self, key: str, columns: list[str] | None = None):
+        """A Parquet file as a DataFrame; the ``meta`` it was written with is in
+        ``df.attrs["darkroom"]`` (absent when it had none)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+        df = table.to_pandas()
+        meta = (table.schema.metadata or {}).get(PARQUET_META)
+        if meta is not None:
+            df.attrs["darkroom"] = json.loads(meta)
+        return df
+
+    def write_parquet(self, key: str, df, *, schema=None, meta: dict | None = None) -> str:
+        """Writes a DataFrame (with ``schema``, a pyarrow schema, when given) and an optional
+        JSON-able ``meta`` dict kept in the file's schema metadata."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+        if meta is not None:
+            merged = {**(table.schema.metadata or {}), PARQUET_META: json.dumps(meta).encode()}
+            table = table.replace_schema_metadata(merged)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return self.write_bytes(key, buf.getvalue())
+
+    def read_csv(self, key: str, **kw):
+        import pandas as pd
+
+        return pd.read_csv(io.BytesIO(self.read_bytes(key)), **kw)
+
+    def write_csv(self, key: str, df) -> str:
+        return self.write_text(key, df.to_csv(index=False))
 
 
 _UMASK = os.umask(0)
@@ -252,111 +303,6 @@ class LocalStorage(Storage):
         return self._path(key)
 
 
-class S3Storage(Storage):
-    """An S3 bucket and prefix through boto3 (AWS, MinIO, or any endpoint in AWS_ENDPOINT_URL)."""
-
-    def __init__(self, bucket: str, prefix: str = "", client=None):
-        import boto3
-        from botocore.config import Config
-
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        # boto3 reads AWS_ENDPOINT_URL and the credential chain itself.
-        self.client = client or boto3.client(
-            "s3",
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
-        )
-
-    def _key(self, key: str) -> str:
-        check_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _rel(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
-
-    def _errors(self):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        return ClientError, BotoCoreError
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        ClientError, _ = self._errors()
-        full = (f"{self.prefix}/" if self.prefix else "") + prefix
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-                for obj in page.get("Contents", []):
-                    if obj["Key"].endswith("/"):
-                        continue  # folder markers made by consoles
-                    yield ObjectInfo(
-                        self._rel(obj["Key"]),
-                        obj["Size"],
-                        obj["ETag"].strip('"'),
-                        obj["LastModified"],
-                    )
-        except ClientError as e:
-            raise StorageError(f"cannot list {self.uri}/{prefix}: {e}") from e
-
-    def read_bytes(self, key: str) -> bytes:
-        ClientError, _ = self._errors()
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-            raise
-
-    def head(self, key: str) -> dict | None:
-        ClientError, _ = self._errors()
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
-
-    def exists(self, key: str) -> bool:
-        return self.head(key) is not None
-
-    def etag(self, key: str) -> str | None:
-        h = self.head(key)
-        return h["ETag"].strip('"') if h else None
-
-    def _put(self, key, data, if_match, if_none_match) -> str:
-        ClientError, _ = self._errors()
-        extra = {}
-        if if_match is not None:
-            extra["IfMatch"] = f'"{if_match}"'
-        if if_none_match:
-            extra["IfNoneMatch"] = "*"
-        try:
-            # One PUT of the whole object: readers see the old or the new, never half.
-            resp = self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, **extra
-            )
-        except ClientError as e:
-            code = e.response["Error"]["Code"]
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise PreconditionFailed(f"{self.url(key)} changed since it was read") from e
-            if if_match is not None and code in ("NoSuchKey", "404", "NotFound"):
-                raise PreconditionFailed(f"{self.url(key)} no longer exists") from e
-            raise
-        return resp["ETag"].strip('"')
-
-    def _delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-
-    def download(self, key: str, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(tmp))
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
 def open_storage(uri: str | None = None) -> Storage:
     """Opens a storage root from a URI (default: ``$DARKROOM_STORAGE`` or ./data/bucket)."""
     uri = uri or default_storage_uri()
@@ -369,11 +315,18 @@ def open_storage(uri: str | None = None) -> Storage:
     if parsed.scheme == "s3":
         if len(parsed.netloc) < 3:
             raise StorageError(f"bad S3 URI {uri!r}: expected s3://bucket[/prefix]")
+        from darkroom.s3 import S3Storage
+
         return S3Storage(parsed.netloc, parsed.path)
     if parsed.scheme == "" and uri:
         return LocalStorage(uri)
     raise StorageError(f"unsupported storage URI {uri!r}: use file://PATH or s3://BUCKET/PREFIX")
 
 
-def join(*parts: str) -> str:
-    return posixpath.join(*parts)
+def __getattr__(name: str):
+    # S3Storage lives in darkroom.s3 (boto3 is imported only where S3 is used).
+    if name == "S3Storage":
+        from darkroom.s3 import S3Storage
+
+        return S3Storage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from darkroom import layout
+from darkroom.config import RuntimeConfig
+from darkroom.progress import Progress
 from darkroom.storage import ObjectInfo, Storage, UnsafeKeyError, atomic_write_file, check_key
 
 log = logging.getLogger(__name__)
@@ -87,23 +90,21 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return path
 
 
-def sync_prefix(
-    storage: Storage,
-    prefix: str,
-    cache_dir: str | Path,
-    *,
-    concurrency: int = 16,
-    key_filter: Callable[[str], bool] = is_image_key,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[SyncReport, dict[str, CachedObject]]:
-    """Mirrors ``prefix`` of ``storage`` into ``cache_dir``.
+def sync_labeled(storage: Storage, config: RuntimeConfig, progress: Progress = None) -> SyncReport:
+    """The sync stage: mirrors ``labeled/`` into the run's cache (a local root is read in
+    place)."""
+    report, _ = sync_prefix(
+        storage,
+        layout.LABELED,
+        config.cache_path(storage),
+        concurrency=config.download_concurrency,
+        progress=progress,
+    )
+    return report
 
-    Returns:
-        The report and the manifest: every usable object with the local path to read it from.
-    """
-    cache_dir = Path(cache_dir)
-    report = SyncReport(prefix=prefix)
-    old = load_manifest(cache_dir, prefix)
+
+def _list_safe(storage: Storage, prefix: str, key_filter, report: SyncReport) -> dict:
+    """The objects under ``prefix`` that pass ``key_filter``; unsafe keys are refused."""
     listed: dict[str, ObjectInfo] = {}
     for obj in storage.list(prefix):
         if not key_filter(obj.key):
@@ -117,7 +118,27 @@ def sync_prefix(
             log.warning("refused unsafe key %r", obj.key)
             continue
         listed[obj.key] = obj
+    return listed
 
+
+def sync_prefix(
+    storage: Storage,
+    prefix: str,
+    cache_dir: str | Path,
+    *,
+    concurrency: int = 16,
+    key_filter: Callable[[str], bool] = is_image_key,
+    progress: Progress = None,
+) -> tuple[SyncReport, dict[str, CachedObject]]:
+    """Mirrors ``prefix`` of ``storage`` into ``cache_dir``.
+
+    Returns:
+        The report and the manifest: every usable object with the local path to read it from.
+    """
+    cache_dir = Path(cache_dir)
+    report = SyncReport(prefix=prefix)
+    old = load_manifest(cache_dir, prefix)
+    listed = _list_safe(storage, prefix, key_filter, report)
     entries: dict[str, CachedObject] = {}
     todo: list[ObjectInfo] = []
     for key, obj in listed.items():
@@ -147,7 +168,7 @@ def fetch_objects(
     cache_dir: Path,
     report: SyncReport | None = None,
     concurrency: int = 16,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = None,
 ) -> dict[str, CachedObject]:
     """Downloads ``objects`` into the cache concurrently (read in place for a local root)."""
     objects = list(objects)
@@ -188,7 +209,7 @@ def fetch_objects(
 def local_paths(storage: Storage, rows, cache_dir: str | Path) -> list[str]:
     """Local files for index rows (key, etag, bytes): from the labeled/ manifest, fetching
     whatever is missing or stale (a worker that never synced fetches what it needs)."""
-    manifest = load_manifest(Path(cache_dir), "labeled/")
+    manifest = load_manifest(Path(cache_dir), layout.LABELED)
     missing = [
         ObjectInfo(r.key, int(r.bytes), r.etag, datetime.now(UTC))
         for r in rows.itertuples()

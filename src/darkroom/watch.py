@@ -8,18 +8,16 @@ each arrival once, and a replaced image (new etag) counts as a new arrival.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from darkroom import registry
-from darkroom.scoring import INCOMING, scored_pairs
+from darkroom import layout, registry
+from darkroom.scoring import scored_pairs
 from darkroom.storage import Storage, default_storage_uri
 from darkroom.sync import is_image_key
 
-STATE = "reports/watch/announced.json"
 ARRIVED = "darkroom.images.arrived"
 
 
@@ -37,16 +35,13 @@ def resource_id(storage: Storage) -> str:
 
 
 def read_announced(storage: Storage) -> set[tuple[str, str]]:
-    try:
-        state = json.loads(storage.read_text(STATE))
-    except FileNotFoundError:
-        return set()
+    state = storage.read_json(layout.WATCH_STATE, missing_ok=True) or {}
     return {(k, e) for k, e in state.get("pairs", [])}
 
 
 def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], dict]:
     """New (key, etag) pairs under ``incoming/`` and the counts behind the decision."""
-    listed = sorted((o.key, o.etag) for o in storage.list(INCOMING) if is_image_key(o.key))
+    listed = sorted((o.key, o.etag) for o in storage.list(layout.INCOMING) if is_image_key(o.key))
     champion, _ = registry.read_champion(storage)
     # What a plain score run would skip: pairs any model version already scored.
     scored = scored_pairs(storage, None)
@@ -63,12 +58,10 @@ def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], dict]:
 
 def mark_announced(storage: Storage, pairs: list[tuple[str, str]]) -> None:
     """Adds ``pairs`` to the state, keeping only pairs still under ``incoming/``."""
-    present = {(o.key, o.etag) for o in storage.list(INCOMING)}
+    present = {(o.key, o.etag) for o in storage.list(layout.INCOMING)}
     keep = sorted((read_announced(storage) | set(pairs)) & present)
-    storage.write_text(
-        STATE,
-        json.dumps({"updated_at": datetime.now(UTC).isoformat(), "pairs": [list(p) for p in keep]}),
-    )
+    state = {"updated_at": datetime.now(UTC).isoformat(), "pairs": [list(p) for p in keep]}
+    storage.write_json(layout.WATCH_STATE, state)
 
 
 def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:

@@ -9,8 +9,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from darkroom.layout import WATCH_STATE as STATE
 from darkroom.scoring import PREDICTION_SCHEMA, write_predictions
-from darkroom.watch import ARRIVED, STATE, check_incoming, resource_id
+from darkroom.watch import ARRIVED, check_incoming, resource_id
 from tests.conftest import png_bytes
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from darkroom import pipeline, registry
+from darkroom import registry
 from darkroom.scoring import read_predictions
-from tests.conftest import TINY, write_digits
+from tests.conftest import TINY, train_candidate, write_digits
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,17 +23,7 @@ INCOMING = 80
 
 
 def _train(storage, cache, seed: int) -> str:
-    """A model version through the core stages (no Prefect needed)."""
-    cfg = TINY.model_copy(update={"seed": seed})
-    pipeline.sync_labeled(storage.uri, str(cache))
-    snap = pipeline.rebuild_index(storage.uri, str(cache), cfg.folds, cfg.seed, 0.1)["snapshot"]
-    version = registry.new_version(snap, cfg.fingerprint())
-    folds = [
-        pipeline.train_fold(storage.uri, str(cache), snap, k, version, cfg, "cpu")
-        for k in range(cfg.folds)
-    ]
-    pipeline.finalize_candidate(storage.uri, version, snap, folds, cfg)
-    return version
+    return train_candidate(storage, cache, TINY.model_copy(update={"seed": seed}))
 
 
 @pytest.fixture

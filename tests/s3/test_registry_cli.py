@@ -9,11 +9,12 @@ import re
 import pandas as pd
 import pytest
 
-from darkroom import pipeline, registry
+from darkroom import layout, registry
 from darkroom.cli import main
+from darkroom.config import ScoreConfig
 from darkroom.scoring import pending_chunks, score_chunk
 from darkroom.storage import open_storage
-from tests.conftest import TINY, write_digits
+from tests.conftest import TINY, train_candidate, write_digits
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +27,7 @@ def root(request, tmp_path):
 
 
 def _train(uri: str, cache: str, seed: int) -> str:
-    cfg = TINY.model_copy(update={"seed": seed})
-    pipeline.sync_labeled(uri, cache)
-    snap = pipeline.rebuild_index(uri, cache, cfg.folds, cfg.seed, 0.1)["snapshot"]
-    version = registry.new_version(snap, cfg.fingerprint())
-    folds = [
-        pipeline.train_fold(uri, cache, snap, k, version, cfg, "cpu") for k in range(cfg.folds)
-    ]
-    pipeline.finalize_candidate(uri, version, snap, folds, cfg)
-    return version
+    return train_candidate(open_storage(uri), cache, TINY.model_copy(update={"seed": seed}))
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -75,7 +68,7 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     assert code == 2 and "nothing to roll back to" in out
 
     # a tampered model is refused, even with --force, and the pointer does not move
-    key = registry.version_key(b, "model.safetensors")
+    key = layout.version(b, "model.safetensors")
     storage.write_bytes(key, storage.read_bytes(key)[:-4] + b"\0\0\0\0")
     code, out = run(capsys, "promote", b, *common, "--force")
     assert code == 2 and "sha256" in out
@@ -83,9 +76,9 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     assert len(registry.history(storage)) == 3
 
     # predictions read back as one dataset, straight from the root URI
-    chunks, _ = pending_chunks(root, a, chunk_size=4)
-    for c in chunks:
-        score_chunk(root, cache, a, c, device="cpu")
+    config = ScoreConfig(storage=root, cache_dir=cache, device="cpu")
+    for c in pending_chunks(storage, a, chunk_size=4).chunks:
+        score_chunk(storage, config, a, c)
     df = pd.read_parquet(f"{root}/predictions/{a}/")
     assert len(df) == 9 and set(df["model_version"]) == {a}
     assert json.loads(storage.read_text("models/champion.json"))["version"] == a

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkroom import index as idx
-from darkroom import pipeline
+from darkroom.config import RetrainConfig
+from darkroom.index import rebuild_index
 from darkroom.storage import open_storage
-from darkroom.sync import load_manifest, sync_prefix
+from darkroom.sync import load_manifest, sync_labeled, sync_prefix
 from tests.conftest import INDEX_COLUMNS, png_bytes, write_digits
 from tests.s3.conftest import list_keys
 
@@ -109,13 +110,13 @@ def test_resync_changes_removals_and_unsafe_keys(s3_env, digits_s3, tmp_path):
 def test_rebuild_index_writes_snapshot_and_pointer_to_s3(s3_env, digits_s3, tmp_path):
     client, bucket = s3_env["client"], s3_env["bucket"]
     cache = tmp_path / "cache"
-    sync = pipeline.sync_labeled(s3_env["uri"], str(cache))
-    assert sync["new"] == 30
-
-    pointer = pipeline.rebuild_index(
-        s3_env["uri"], str(cache), folds=2, seed=0, holdout_fraction=0.1
+    storage = open_storage(s3_env["uri"])
+    config = RetrainConfig(
+        storage=s3_env["uri"], cache_dir=str(cache), train={"folds": 2, "seed": 0}
     )
-    snap = pointer["snapshot"]
+    assert sync_labeled(storage, config).new == 30
+
+    snap = rebuild_index(storage, config, "s3-test").snapshot
     keys = list_keys(client, bucket, _full(s3_env, "index/"))
     assert set(keys) == {_full(s3_env, f"index/{snap}.parquet"), _full(s3_env, "index/latest.json")}
     latest = json.loads(_body(s3_env, "index/latest.json"))
@@ -148,6 +149,5 @@ def test_rebuild_index_writes_snapshot_and_pointer_to_s3(s3_env, digits_s3, tmp_
     assert len(list_keys(client, bucket, _full(s3_env, "incoming/"))) == 5
 
     # Same data again: the same snapshot id, no second snapshot file.
-    again = pipeline.rebuild_index(s3_env["uri"], str(cache), folds=2, seed=0, holdout_fraction=0.1)
-    assert again["snapshot"] == snap
+    assert rebuild_index(storage, config, "s3-test").snapshot == snap
     assert len(list_keys(client, bucket, _full(s3_env, "index/"))) == 2

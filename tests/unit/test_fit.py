@@ -8,20 +8,15 @@ import torch
 from safetensors.torch import save_file
 
 from darkroom.config import TrainConfig
+from darkroom.fit import FoldData, NonFiniteLoss, fit
 from darkroom.model import create_model, load_weights, sha256, to_bytes
+from darkroom.recipe import amp_dtype, class_weights, local_weights
+from darkroom.rng import seed_everything
+from darkroom.steps import StepOptions, mix_batch, to_device
 from darkroom.sync import sync_prefix
-from darkroom.fit import (
-    NonFiniteLoss,
-    StepOptions,
-    amp_dtype,
-    class_weights,
-    fit,
-    local_weights,
-    mix_batch,
-    seed_everything,
-    to_device,
-)
 from tests.conftest import TINY, write_digits
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -39,16 +34,8 @@ def test_fit_returns_best_epoch_weights_and_validation_probs(digit_files):
     paths, labels, classes = digit_files
     cfg = TINY.model_copy(update={"epochs": 3})
     seen = []
-    res = fit(
-        paths[::2],
-        labels[::2],
-        paths[1::2],
-        labels[1::2],
-        len(classes),
-        cfg,
-        device=torch.device("cpu"),
-        on_epoch=seen.append,
-    )
+    data = FoldData(paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes))
+    res = fit(data, cfg, device=CPU, on_epoch=seen.append)
     assert [h["epoch"] for h in res.history] == [0, 1, 2] == [h["epoch"] for h in seen]
     best = min(range(3), key=lambda e: res.history[e]["val_loss"])
     assert res.best_epoch == best
@@ -56,19 +43,19 @@ def test_fit_returns_best_epoch_weights_and_validation_probs(digit_files):
     np.testing.assert_allclose(res.val_probs.sum(1), 1.0, rtol=1e-4)
     # the weights returned are the best epoch's: re-evaluating reproduces its validation loss
     from darkroom.data import build_transform
-    from darkroom.fit import evaluate, make_loader
+    from darkroom.steps import evaluate, make_loader
 
     loader = make_loader(
         paths[1::2], labels[1::2], build_transform(32, res.mean, res.std), 32, shuffle=False
     )
-    stats, _ = evaluate(res.model, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+    stats, _ = evaluate(res.model, loader, torch.nn.CrossEntropyLoss(), CPU)
     assert stats["loss"] == pytest.approx(res.history[best]["val_loss"], rel=1e-4)
 
 
 def test_training_reduces_loss_on_real_digits(digit_files):
     paths, labels, classes = digit_files
     cfg = TINY.model_copy(update={"epochs": 4, "lr": 1e-2, "batch_size": 8})
-    res = fit(paths, labels, paths, labels, len(classes), cfg, device=torch.device("cpu"))
+    res = fit(FoldData(paths, labels, paths, labels, len(classes)), cfg, device=CPU)
     first, last = res.history[0], res.history[-1]
     assert last["train_loss"] < first["train_loss"] / 2
     assert last["train_accuracy"] > 0.9
@@ -78,8 +65,9 @@ def test_training_reduces_loss_on_real_digits(digit_files):
 
 def test_seeded_training_is_reproducible(digit_files):
     paths, labels, classes = digit_files
-    a = fit(paths, labels, paths[:6], labels[:6], len(classes), TINY, device=torch.device("cpu"))
-    b = fit(paths, labels, paths[:6], labels[:6], len(classes), TINY, device=torch.device("cpu"))
+    data = FoldData(paths, labels, paths[:6], labels[:6], len(classes))
+    a = fit(data, TINY, device=CPU)
+    b = fit(data, TINY, device=CPU)
     assert a.history[0]["train_loss"] == pytest.approx(b.history[0]["train_loss"], rel=1e-5)
 
 
@@ -88,7 +76,7 @@ def test_non_finite_loss_stops_the_fold(digit_files):
     # An absurd learning rate makes Adam blow the weights up within a few steps.
     cfg = TINY.model_copy(update={"lr": 1e30, "lr_min": 1e29, "epochs": 3, "batch_size": 4})
     with pytest.raises(NonFiniteLoss, match="lower the lr"):
-        fit(paths, labels, paths[:4], labels[:4], len(classes), cfg, device=torch.device("cpu"))
+        fit(FoldData(paths, labels, paths[:4], labels[:4], len(classes)), cfg, device=CPU)
 
 
 def test_pretrained_file_keeps_backbone_and_resizes_head(tmp_path):
@@ -135,14 +123,11 @@ def test_config_rejects_lr_min_above_lr():
 
 # ---- every TrainConfig option on tiny data --------------------------------------------------
 
-CPU = torch.device("cpu")
-
 
 def _fit(digit_files, cfg, **kw):
     paths, labels, classes = digit_files
-    return fit(
-        paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes), cfg, device=CPU, **kw
-    )
+    data = FoldData(paths[::2], labels[::2], paths[1::2], labels[1::2], len(classes))
+    return fit(data, cfg, device=CPU, **kw)
 
 
 @pytest.mark.parametrize(
@@ -250,9 +235,21 @@ def test_compile_and_channels_last_are_cuda_only(digit_files, monkeypatch):
     assert res.model.conv1[0].weight.is_contiguous()
 
 
-def test_dataloader_workers(digit_files):
+def test_dataloader_workers(digit_files, monkeypatch):
+    import darkroom.fit as tr
+
+    stopped = []
+
+    def spy(loader):
+        tr_stop(loader)
+        stopped.append(loader)
+
+    tr_stop = tr.stop_workers
+    monkeypatch.setattr(tr, "stop_workers", spy)
     res = _fit(digit_files, TINY, num_workers=1)
     assert len(res.history) == 1
+    # both loaders' persistent workers are shut down when the fold ends
+    assert len(stopped) == 2 and all(loader._iterator is None for loader in stopped)
 
 
 def test_config_rejects_mix_probabilities_above_one():
@@ -352,125 +349,61 @@ def test_cuda_out_of_memory_retries_with_half_the_batch(digit_files, monkeypatch
     assert res.history[-1]["lr"] == pytest.approx(cfg.lr_min)  # same optimizer steps
 
 
-# ---- the pipeline stages: fold reuse, checkpoints in storage, final model choice -------------
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_out_of_memory_rebuilds_the_trainer_with_half_the_batch(digit_files, with_checkpoint):
+    ckpt = MemoryCheckpointer() if with_checkpoint else None
+    seen = []
+
+    def oom_after_epoch_0_once(row):
+        seen.append(row["epoch"])
+        if len(seen) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    cfg = TINY.model_copy(update={"epochs": 3, "batch_size": 8, "grad_accum_steps": 1})
+    res = _fit(digit_files, cfg, checkpoint=ckpt, on_epoch=oom_after_epoch_0_once)
+    assert (res.batch_size, res.grad_accum_steps) == (4, 2)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    # with a checkpoint the retry resumes after epoch 0; without one it starts over
+    assert seen == ([0, 1, 2] if with_checkpoint else [0, 0, 1, 2])
+    assert res.resumed_from_epoch == (1 if with_checkpoint else 0)
+    assert res.history[-1]["lr"] == pytest.approx(cfg.lr_min)
+    if with_checkpoint:
+        assert (ckpt.load()["batch_size"], ckpt.load()["grad_accum_steps"]) == (4, 2)
 
 
-@pytest.fixture
-def indexed(local_storage, cache_dir):
-    """Three digit classes synced and indexed into 2 folds; returns (storage, cache, snapshot)."""
-    from darkroom import pipeline
+def test_out_of_memory_at_batch_size_one_is_raised(digit_files):
+    class OutOfMemoryCheckpointer(MemoryCheckpointer):
+        def load(self):
+            self.saves += 1  # counts the attempts here
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    write_digits(local_storage, classes=("0", "1", "7"), per_class=14)
-    pipeline.sync_labeled(local_storage.uri, str(cache_dir))
-    pointer = pipeline.rebuild_index(
-        local_storage.uri, str(cache_dir), folds=2, seed=0, holdout_fraction=0.1
-    )
-    return local_storage, str(cache_dir), pointer["snapshot"]
-
-
-def _train_folds(indexed, cfg, version="v1"):
-    from darkroom import pipeline
-
-    storage, cache, snapshot = indexed
-    return [
-        pipeline.train_fold(storage.uri, cache, snapshot, k, version, cfg, "cpu")
-        for k in range(cfg.folds)
-    ]
+    ckpt = OutOfMemoryCheckpointer()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _fit(digit_files, TINY.model_copy(update={"batch_size": 4}), checkpoint=ckpt)
+    assert ckpt.saves == 3  # batch sizes 4, 2 and 1
 
 
-def test_a_finished_fold_is_not_trained_again(indexed, monkeypatch):
-    import darkroom.pipeline as pl
+def test_checkpoint_stores_the_best_weights_only_when_they_differ(digit_files, monkeypatch):
+    import darkroom.fit as tr
 
-    first = _train_folds(indexed, TINY)
-    storage = indexed[0]
-    assert storage.exists("models/v1/folds/0/fold.json")
-    assert not storage.exists("models/v1/folds/0/checkpoint.pt")  # done: resume state dropped
-    monkeypatch.setattr(pl, "fit", lambda *a, **kw: pytest.fail("a finished fold was retrained"))
-    again = _train_folds(indexed, TINY)
-    assert all(s["reused"] for s in again)
-    assert [s["sha256"] for s in again] == [s["sha256"] for s in first]
+    losses = iter([1.0, 0.5, 0.7])
+    real = tr.evaluate
 
+    def fake(*a, **kw):
+        stats, probs = real(*a, **kw)
+        return {**stats, "loss": next(losses)}, probs
 
-def test_an_unfinished_fold_resumes_from_its_storage_checkpoint(indexed):
-    from darkroom import pipeline
-
-    storage, cache, snapshot = indexed
+    monkeypatch.setattr(tr, "evaluate", fake)
+    ckpt, saved = MemoryCheckpointer(), []
     cfg = TINY.model_copy(update={"epochs": 3})
-
-    def crash(row):
-        if row["epoch"] == 1:
-            raise Crash
-
-    with pytest.raises(Crash):
-        pipeline.train_fold(storage.uri, cache, snapshot, 0, "v1", cfg, "cpu", on_epoch=crash)
-    assert not storage.exists("models/v1/folds/0/fold.json")
-    summary = pipeline.train_fold(storage.uri, cache, snapshot, 0, "v1", cfg, "cpu")
-    assert summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 3
-
-
-def test_non_finite_loss_fails_the_fold_and_writes_no_fold_json(indexed):
-    from darkroom import pipeline
-
-    storage, cache, snapshot = indexed
-    cfg = TINY.model_copy(update={"lr": 1e30, "lr_min": 1e29, "epochs": 3, "batch_size": 4})
-    with pytest.raises(NonFiniteLoss):
-        pipeline.train_fold(storage.uri, cache, snapshot, 0, "v1", cfg, "cpu")
-    assert not storage.exists("models/v1/folds/0/fold.json")
-    assert not storage.exists("models/v1/folds/0/model.safetensors")
-
-
-@pytest.mark.slow
-def test_final_model_best_fold_ensemble_and_refit(indexed):
-    import json
-
-    from darkroom import pipeline
-    from darkroom.registry import read_json
-
-    storage, cache, snapshot = indexed
-    cfg = TINY.model_copy(update={"epochs": 2})
-    summaries = _train_folds(indexed, cfg)
-    files = lambda v: storage.read_bytes(f"models/v1/{v}")  # noqa: E731
-
-    best = pipeline.finalize_candidate(storage.uri, "v1", snapshot, summaries, cfg)
-    assert best["final_model"] == "best_fold" and "ensemble" not in best
-    assert best["sha256"] == sha256(files(f"folds/{best['chosen_fold']}/model.safetensors"))
-    for name in ("curves.png", "confusion.png", "per_class.png", "mistakes.png"):
-        assert files(name)[:8] == b"\x89PNG\r\n\x1a\n", name
-    report = read_json(storage, "models/v1/oof_metrics.json")
-    assert set(report["oof"]["per_class_train_images"]) == {"0", "1", "7"}
-    assert "mean" in report["cv"]["accuracy"]
-
-    ens = pipeline.finalize_candidate(
-        storage.uri, "v1", snapshot, summaries, cfg.model_copy(update={"final_model": "ensemble"})
-    )
-    assert [m["key"] for m in ens["ensemble"]] == [
-        "folds/0/model.safetensors",
-        "folds/1/model.safetensors",
-    ]
-    assert all(m["sha256"] == sha256(files(m["key"])) for m in ens["ensemble"])
-    assert ens["sha256"] == best["sha256"]  # old readers get the best fold
-    for k in ("classes", "image_size", "mean", "std", "train_config", "backbone"):
-        assert k in json.loads(storage.read_text("models/v1/model.json")), k
-
-    refit_cfg = cfg.model_copy(update={"final_model": "refit"})
-    r = pipeline.train_fold(storage.uri, cache, snapshot, cfg.folds, "v1", refit_cfg, "cpu")
-    assert r["refit"] and r["val_images"] == 0
-    assert r["epochs_run"] == max(1, round(np.mean([s["best_epoch"] + 1 for s in summaries])))
-    meta = pipeline.finalize_candidate(storage.uri, "v1", snapshot, summaries, refit_cfg)
-    assert meta["sha256"] == r["sha256"] == sha256(files("refit/model.safetensors"))
-
-
-def test_find_lr_writes_plot_and_suggestion(indexed):
-    from darkroom import pipeline
-
-    storage, cache, _ = indexed
-    out = pipeline.find_lr(
-        storage.uri, cache, TINY.model_copy(update={"batch_size": 8}), "cpu", steps=30
-    )
-    assert 0 < len(out["lrs"]) <= 30 and out["lrs"] == sorted(out["lrs"])
-    assert out["suggested_lr"] and out["lrs"][0] <= out["suggested_lr"] <= out["lrs"][-1]
-    key = out["plot"].split("/bucket/", 1)[1]
-    assert storage.read_bytes(key)[:8] == b"\x89PNG\r\n\x1a\n"
+    res = _fit(digit_files, cfg, checkpoint=ckpt, on_epoch=lambda row: saved.append(ckpt.load()))
+    assert [s["best"]["epoch"] for s in saved] == [0, 1, 1]
+    assert saved[1]["best"]["state"] is None  # the best epoch is the current one: stored once
+    best = saved[2]["best"]["state"]
+    assert best is not None and ckpt.saves == 3
+    for k, v in saved[1]["model"].items():
+        torch.testing.assert_close(best[k], v)
+        torch.testing.assert_close(res.model.state_dict()[k], v)  # and fit returns it
 
 
 def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from darkroom import registry
-from darkroom.registry import PromotionLost, RegistryError, decide, lineage, promote, rollback
+from darkroom import layout, registry
+from darkroom.promotion import decide
+from darkroom.registry import PromotionLost, RegistryError, lineage, promote, rollback
 
 
 def m(acc, **recall):
@@ -16,31 +17,31 @@ def m(acc, **recall):
 
 def test_min_delta_requires_a_margin():
     champion = m(0.90, a=0.9, b=0.9)
-    assert not decide(m(0.905, a=0.9, b=0.91), champion, "accuracy", min_delta=0.01)["promote"]
+    assert not decide(m(0.905, a=0.9, b=0.91), champion, "accuracy", min_delta=0.01).promote
     d = decide(m(0.92, a=0.92, b=0.92), champion, "accuracy", min_delta=0.01)
-    assert d["promote"] and "+0.0200" in d["rule"]
+    assert d.promote and "+0.0200" in d.rule
 
 
 def test_a_class_recall_drop_beyond_the_limit_rejects_a_better_model():
     champion = m(0.80, cat=0.90, dog=0.70)
     challenger = m(0.85, cat=0.80, dog=0.90)  # better overall, cat recall -0.10
     d = decide(challenger, champion, "accuracy", max_class_recall_drop=0.05)
-    assert not d["promote"]
-    assert "'cat'" in d["rule"] and "0.1000" in d["rule"]
-    assert d["recall_drops"] == {"cat": pytest.approx(0.10)}
-    assert decide(challenger, champion, "accuracy", max_class_recall_drop=0.15)["promote"]
+    assert not d.promote
+    assert "'cat'" in d.rule and "0.1000" in d.rule
+    assert d.recall_drops == {"cat": pytest.approx(0.10)}
+    assert decide(challenger, champion, "accuracy", max_class_recall_drop=0.15).promote
 
 
 def test_per_class_recall_is_reported_side_by_side():
     d = decide(m(0.9, a=1.0, b=0.8), m(0.8, a=0.7, b=0.9), "accuracy")
-    assert d["per_class_recall"] == {
+    assert d.per_class_recall == {
         "a": {"challenger": 1.0, "champion": 0.7},
         "b": {"challenger": 0.8, "champion": 0.9},
     }
 
 
 def _version(storage, v):
-    storage.write_bytes(registry.version_key(v, "model.safetensors"), v.encode())
+    storage.write_bytes(layout.version(v, "model.safetensors"), v.encode())
 
 
 def test_rollback_walks_back_the_lineage(local_storage):

@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 
 from darkroom import index as idx
+from darkroom import layout
 from darkroom.index import COLUMNS, DatasetError, build_index, is_holdout, read_index, write_index
 from darkroom.sync import sync_prefix
 from tests.conftest import png_bytes, write_digits
 
 
 def _synced(storage, cache_dir):
-    _, manifest = sync_prefix(storage, idx.LABELED, cache_dir)
+    _, manifest = sync_prefix(storage, layout.LABELED, cache_dir)
     return manifest
 
 
@@ -243,7 +244,7 @@ def test_write_read_round_trip(local_storage, cache_dir, digits_index):
     pd.testing.assert_frame_equal(back, df)
     assert back_classes == classes
     assert snap == pointer["snapshot"] == idx.snapshot_id(df, classes)
-    latest = json.loads(local_storage.read_text(idx.LATEST))
+    latest = json.loads(local_storage.read_text(layout.INDEX_LATEST))
     assert latest["snapshot"] == snap
     assert latest["key"] == f"index/{snap}.parquet"
     assert local_storage.exists(latest["key"])
@@ -254,7 +255,7 @@ def test_write_read_round_trip(local_storage, cache_dir, digits_index):
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(io.BytesIO(local_storage.read_bytes(latest["key"]))).metadata
-    assert json.loads(meta[idx.META_KEY])["classes"] == classes
+    assert json.loads(meta[b"darkroom"])["classes"] == classes
     assert read_index(local_storage, snap)[2] == snap
 
 
@@ -272,7 +273,7 @@ def test_same_data_same_snapshot_not_rewritten(local_storage, cache_dir):
     p2 = write_index(local_storage, df2, c2)
     assert p2["snapshot"] == p1["snapshot"]
     assert local_storage.etag(p1["key"]) == etag
-    assert [o.key for o in local_storage.list("index/")] == sorted([p1["key"], idx.LATEST])
+    assert [o.key for o in local_storage.list("index/")] == sorted([p1["key"], layout.INDEX_LATEST])
 
 
 def test_different_data_new_snapshot(local_storage, cache_dir):
@@ -335,6 +336,6 @@ def test_summarize(local_storage, cache_dir):
     local_storage.put_source_object("labeled/0/bad.png", b"junk")
     df, _ = _build(local_storage, cache_dir, folds=2)
     s = idx.summarize(df)
-    assert s["images"] == 19 and s["usable"] == 18 and s["classes"] == 3
-    assert s["train"] + s["holdout"] == 18
-    assert s["excluded"] == {"unreadable": 1}
+    assert s.images == 19 and s.usable == 18 and s.classes == 3
+    assert s.train + s.holdout == 18
+    assert s.excluded == {"unreadable": 1}

@@ -295,7 +295,7 @@ def test_dockerfile_base_and_layout(dockerfile):
     workdirs = [args for keyword, args in dockerfile if keyword == "WORKDIR"]
     assert workdirs[-1] == "/opt/darkroom"
     env = env_vars(dockerfile)
-    assert env["PYTHONPATH"] == "/opt/darkroom"
+    assert "PYTHONPATH" not in env  # flows/ and tasks/ are installed with darkroom
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     cmd = [args for keyword, args in dockerfile if keyword == "CMD"][-1]
     assert json.loads(cmd)[0] == "darkroom"
@@ -319,7 +319,9 @@ def test_dockerfile_copies_what_pip_needs_before_installing(dockerfile):
         s.rstrip("/") for k, a in dockerfile[:install] if k == "COPY" for s in copy_sources(a)
     }
     readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
-    needed = {"pyproject.toml", "src"} | ({readme} if isinstance(readme, str) else set())
+    needed = {"pyproject.toml", "src", "flows", "tasks", "constraints.txt"}
+    needed |= {readme} if isinstance(readme, str) else set()
+    assert "-c constraints.txt" in run  # the versions the tests passed with
     assert needed <= before, f"not copied before pip install: {sorted(needed - before)}"
 
 

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from darkroom import registry
-from darkroom.registry import CHAMPION, PROMOTIONS, PromotionLost, decide, history, promote
+from darkroom.layout import CHAMPION, PROMOTIONS
+from darkroom.promotion import decide
+from darkroom.registry import PromotionLost, history, promote
 
 
 def _fake_version(storage, version: str) -> None:
@@ -23,30 +25,30 @@ def _records(storage) -> list[str]:
 
 def test_no_champion_promotes():
     d = decide({"accuracy": 0.1}, None, "accuracy")
-    assert d["promote"] is True
-    assert d["champion"] is None and d["challenger"] == 0.1
-    assert d["metric"] == "accuracy"
+    assert d.promote is True
+    assert d.champion is None and d.challenger == 0.1
+    assert d.metric == "accuracy"
 
 
 def test_better_promotes():
     d = decide({"f1_macro": 0.81, "accuracy": 0.1}, {"f1_macro": 0.8, "accuracy": 0.9}, "f1_macro")
-    assert d["promote"] is True
-    assert (d["challenger"], d["champion"]) == (0.81, 0.8)
-    assert "f1_macro" in d["rule"] and d["rule"].startswith("promoted")
+    assert d.promote is True
+    assert (d.challenger, d.champion) == (0.81, 0.8)
+    assert "f1_macro" in d.rule and d.rule.startswith("promoted")
 
 
 @pytest.mark.parametrize("new", [0.8, 0.5])
 def test_equal_or_worse_rejects(new):
     d = decide({"accuracy": new}, {"accuracy": 0.8}, "accuracy")
-    assert d["promote"] is False
-    assert "accuracy" in d["rule"]
-    assert d["rule"].startswith("rejected") and "does not beat" in d["rule"]
+    assert d.promote is False
+    assert "accuracy" in d.rule
+    assert d.rule.startswith("rejected") and "does not beat" in d.rule
 
 
 def test_decide_uses_the_named_metric_only():
     # Better accuracy, worse F1: the metric decides.
     d = decide({"accuracy": 0.99, "f1_macro": 0.1}, {"accuracy": 0.5, "f1_macro": 0.2}, "f1_macro")
-    assert d["promote"] is False
+    assert d.promote is False
 
 
 # ---- promote --------------------------------------------------------------------------------
@@ -153,8 +155,9 @@ def test_history_empty(local_storage):
 
 
 def test_helpers(local_storage):
-    assert registry.version_key("abc", "model.json") == "models/abc/model.json"
     assert registry.new_version("0123456789abcdef", "fedcba987654") == "01234567-fedcba98"
-    assert registry.read_json(local_storage, "models/none.json") is None
-    registry.write_json(local_storage, "models/x.json", {"a": 1})
-    assert registry.read_json(local_storage, "models/x.json") == {"a": 1}
+    assert local_storage.read_json("models/none.json", missing_ok=True) is None
+    with pytest.raises(FileNotFoundError):
+        local_storage.read_json("models/none.json")
+    local_storage.write_json("models/x.json", {"a": 1})
+    assert local_storage.read_json("models/x.json") == {"a": 1}

@@ -9,15 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from darkroom import scoring
+from darkroom import inference, scoring
+from darkroom.config import ScoreConfig
+from darkroom.inference import LoadedModel, align_probs
 from darkroom.model import create_model, mean_std, sha256, to_bytes
 from darkroom.scoring import (
     PREDICTION_SCHEMA,
-    LoadedModel,
-    align_probs,
     chunk_id,
     plan_chunks,
-    predictions_frame,
     read_predictions,
     scored_pairs,
     write_predictions,
@@ -47,6 +46,13 @@ def tiny_model():
 def loaded(tiny_model):
     model, meta = tiny_model
     return LoadedModel("v1", meta, model, torch.device("cpu"))
+
+
+def predictions_frame(loaded, items, probs, ok, errors, topk, low_confidence=0.5):
+    options = ScoreConfig(topk=topk, low_confidence=low_confidence)
+    return scoring.predictions_frame(
+        loaded.version, loaded.classes, items, probs, ok, errors, options
+    )
 
 
 @pytest.fixture
@@ -208,9 +214,9 @@ def _write_version(storage, version, model, meta, weights: bytes | None = None):
 def test_load_version_round_trip(local_storage, tiny_model, incoming):
     model, meta = tiny_model
     _write_version(local_storage, "good", model, meta)
-    loaded = scoring.load_version(local_storage, "good", "cpu")
+    loaded = inference.load_version(local_storage, "good", "cpu")
     assert loaded.classes == CLASSES
-    assert scoring.load_version(local_storage, "good", "cpu") is loaded  # loaded once
+    assert inference.load_version(local_storage, "good", "cpu") is loaded  # loaded once
     _, paths = incoming
     direct = LoadedModel("x", meta, model, torch.device("cpu")).predict_proba(paths)[0]
     np.testing.assert_allclose(loaded.predict_proba(paths)[0], direct, rtol=1e-4, atol=1e-6)
@@ -223,7 +229,7 @@ def test_load_version_refuses_tampered_weights(local_storage, tiny_model):
     tampered[-1] ^= 0xFF
     _write_version(local_storage, "bad", model, meta, weights=bytes(tampered))
     with pytest.raises(ValueError, match="sha256"):
-        scoring.load_version(local_storage, "bad", "cpu")
+        inference.load_version(local_storage, "bad", "cpu")
 
 
 def test_load_version_refuses_other_weights(local_storage, tiny_model):
@@ -232,7 +238,7 @@ def test_load_version_refuses_other_weights(local_storage, tiny_model):
     other = create_model(TINY, len(CLASSES), pretrained=False)
     _write_version(local_storage, "swapped", model, meta, weights=to_bytes(other))
     with pytest.raises(ValueError, match="sha256"):
-        scoring.load_version(local_storage, "swapped", "cpu")
+        inference.load_version(local_storage, "swapped", "cpu")
 
 
 def test_chunk_of_only_unreadable_files_is_written(local_storage, loaded, tmp_path):

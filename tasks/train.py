@@ -2,48 +2,27 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 
-from darkroom import evaluation, pipeline
-from darkroom.config import TrainConfig
+from darkroom import train
+from darkroom.config import RetrainConfig
 from darkroom.model import resolve_device
-from tasks.common import gpu_slot, progress_bar, retry_unless_permanent
+from darkroom.storage import open_storage
+from tasks.common import gpu_slot, io_task, progress_bar
 
 
-@task(
-    task_run_name="train-fold-{fold}",
-    retries=2,
-    retry_delay_seconds=30,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
-def train_fold(
-    storage_uri: str,
-    cache_dir: str,
-    snapshot: str,
-    fold: int,
-    version: str,
-    cfg: TrainConfig,
-    device: str = "auto",
-    num_workers: int = 0,
-) -> dict:
+@io_task(task_run_name="train-fold-{fold}", retries=2, retry_delay_seconds=30)
+def train_fold(config: RetrainConfig, snapshot: str, version: str, fold: int) -> train.FoldSummary:
     """One fold. With several GPUs each fold holds one slot of the ``darkroom-gpu`` global
     concurrency limit and trains on its own GPU (see tasks.common.gpu_slot)."""
-    with gpu_slot(device) as dev:
+    storage = open_storage(config.storage)
+    cfg = config.train
+    with gpu_slot(config.device) as dev:
         on_epoch = EpochProgress(fold, cfg.folds, cfg.epochs, str(resolve_device(dev)))
         try:
-            return pipeline.train_fold(
-                storage_uri,
-                cache_dir,
-                snapshot,
-                fold,
-                version,
-                cfg,
-                dev,
-                num_workers,
-                on_epoch=on_epoch,
+            return train.train_fold(
+                storage, config, snapshot, version, fold, device=dev, on_epoch=on_epoch
             )
         finally:
             on_epoch.close()
@@ -114,26 +93,9 @@ class EpochProgress:
             self.bar.close()
 
 
-@task(name="finalize-candidate", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@io_task(name="finalize-candidate", retries=2, retry_delay_seconds=10)
 def finalize_candidate(
-    storage_uri: str, version: str, snapshot: str, fold_summaries: list[dict], cfg: TrainConfig
+    config: RetrainConfig, snapshot: str, version: str, folds: list[train.FoldSummary]
 ) -> dict:
-    return pipeline.finalize_candidate(storage_uri, version, snapshot, fold_summaries, cfg)
-
-
-@task(
-    task_run_name="evaluate-holdout-{version}",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
-def evaluate_holdout(
-    storage_uri: str,
-    cache_dir: str,
-    snapshot: str,
-    version: str,
-    device: str = "auto",
-    tta: bool = False,
-) -> dict:
-    return evaluation.evaluate_holdout(storage_uri, cache_dir, snapshot, version, device, tta=tta)
+    storage = open_storage(config.storage)
+    return train.finalize_candidate(storage, config.train, snapshot, version, folds)

@@ -1,0 +1,203 @@
+"""Loaders and passes over them: the training steps of one epoch (MixUp/CutMix, gradient
+accumulation, mixed precision) and predictions with the loss, accuracy and macro F1 that
+validation reports."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch.utils.data import DataLoader
+
+from darkroom.config import TrainConfig
+from darkroom.data import ImageDataset, worker_context
+
+MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (NaN/inf loss); the fold's weights must never be used."""
+
+
+@dataclass
+class StepOptions:
+    """How a batch runs: precision, layout, accumulation, mixing."""
+
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+    accum: int = 1
+    cfg: TrainConfig | None = None  # for MixUp/CutMix; None: no mixing
+
+
+def make_loader(
+    paths: Sequence[str],
+    labels: Sequence[int] | None,
+    transform,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A loader over the image files whose shuffle order depends on ``seed`` only."""
+    return DataLoader(
+        ImageDataset(paths, labels, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),
+    )
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Shuts a loader's persistent workers down, which would otherwise live until garbage
+    collection, holding memory and open files after the fold is done."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig):
+    """MixUp or CutMix with the config's probabilities.
+
+    Returns:
+        (images, labels_a, labels_b, lam): the loss is lam * loss(labels_a)
+        + (1 - lam) * loss(labels_b).
+    """
+    r = torch.rand(()).item()
+    if r >= cfg.mixup_prob + cfg.cutmix_prob or len(labels) < 2:
+        return images, labels, labels, 1.0
+    # Pair each image with its mirror in the (already shuffled) batch, as timm's Mixup does.
+    perm = torch.arange(len(labels) - 1, -1, -1, device=images.device)
+    if r < cfg.mixup_prob:
+        lam = float(torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA).sample())
+        return lam * images + (1 - lam) * images[perm], labels, labels[perm], lam
+    lam = float(torch.distributions.Beta(CUTMIX_ALPHA, CUTMIX_ALPHA).sample())
+    h, w = images.shape[-2:]
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    images = images.clone()
+    images[..., y1:y2, x1:x2] = images[perm][..., y1:y2, x1:x2]
+    lam = 1 - (y2 - y1) * (x2 - x1) / (h * w)  # the area actually pasted
+    return images, labels, labels[perm], lam
+
+
+def to_device(images, labels, device, opts: StepOptions):
+    """The batch on ``device``, images in the layout ``opts`` asks for."""
+    images = images.to(device, non_blocking=True)
+    if opts.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def _forward(model, images, labels, criterion, opts: StepOptions):
+    """Logits and loss of one batch already on the device, mixed (MixUp/CutMix) when
+    ``opts.cfg`` asks for it."""
+    y_a, y_b, lam = labels, labels, 1.0
+    if opts.cfg is not None:
+        images, y_a, y_b, lam = mix_batch(images, labels, opts.cfg)
+    with torch.autocast(images.device.type, dtype=opts.amp, enabled=opts.amp is not None):
+        logits = model(images)
+        loss = criterion(logits, y_a)
+        if lam != 1.0:
+            loss = lam * loss + (1 - lam) * criterion(logits, y_b)
+    return logits, loss
+
+
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    criterion,
+    device,
+    opts: StepOptions | None = None,
+    scaler=None,
+) -> dict:
+    """One pass over ``loader``; an optimizer (and scheduler) step every ``opts.accum`` batches.
+
+    Returns:
+        The mean loss, accuracy and macro F1 over the epoch's batches (the loss as trained,
+        mixed and smoothed; the accuracy against the unmixed labels).
+
+    Raises:
+        NonFiniteLoss: a batch's loss is NaN or infinite.
+    """
+    opts = opts or StepOptions()
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    loss_sum, preds, targets = 0.0, [], []
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, labels) in enumerate(loader):
+        images, labels = to_device(images, labels, device, opts)
+        logits, loss = _forward(model, images, labels, criterion, opts)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss became {loss.item()} at lr {scheduler.get_last_lr()[0]:.2e}:"
+                " lower the lr or check the data"
+            )
+        scaler.scale(loss / opts.accum).backward()
+        if (i + 1) % opts.accum == 0 or i + 1 == len(loader):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        loss_sum += loss.item() * labels.numel()
+        preds.append(logits.argmax(1).cpu())
+        targets.append(labels.cpu())
+    return _epoch_stats(loss_sum, preds, targets)
+
+
+@torch.no_grad()
+def predict_proba(
+    model, loader, device, opts: StepOptions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and the loader's labels, in loader order."""
+    opts = opts or StepOptions()
+    model.eval()
+    probs, labels = [], []
+    for images, y in loader:
+        images, _ = to_device(images, y, device, opts)
+        with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
+            logits = model(images)
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+        labels.append(y)
+    if not probs:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(
+    model, loader, criterion, device, opts: StepOptions | None = None
+) -> tuple[dict, np.ndarray]:
+    """Unweighted, unsmoothed cross-entropy (the validation loss early stopping watches),
+    accuracy and macro F1, and the softmax probabilities.
+
+    ``criterion`` is not used: the loss must not depend on the training loss's options.
+    """
+    probs, labels = predict_proba(model, loader, device, opts)
+    logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
+    loss = torch.nn.functional.nll_loss(logp, torch.from_numpy(labels), reduction="sum").item()
+    pred = torch.from_numpy(probs.argmax(1))
+    return _epoch_stats(loss, [pred], [torch.from_numpy(labels)]), probs
+
+
+def _epoch_stats(loss_sum: float, preds: list, targets: list) -> dict:
+    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    total = max(len(y_true), 1)
+    return {
+        "loss": loss_sum / total,
+        "accuracy": int((y_pred == y_true).sum()) / total,
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }

@@ -1,0 +1,346 @@
+"""The training stage: one cross-validation fold (or the refit) of a candidate version, and the
+candidate's final files once its folds are done. The loop itself lives in ``fit``."""
+
+from __future__ import annotations
+
+import io
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import torch
+
+import darkroom
+from darkroom import layout, plots
+from darkroom import metrics as mx
+from darkroom.config import RetrainConfig, TrainConfig
+from darkroom.data import UnreadableImage, decode_rgb
+from darkroom.fit import FoldData, FoldResult, fit, release_memory
+from darkroom.index import read_index
+from darkroom.model import create_model, hub_config, resolve_device, sha256, to_bytes
+from darkroom.storage import Storage
+from darkroom.sync import local_paths
+
+log = logging.getLogger(__name__)
+
+
+class StorageCheckpointer:
+    """A fold's training state in storage: one object, replaced whole after every epoch."""
+
+    def __init__(self, storage: Storage, key: str):
+        self.storage, self.key = storage, key
+
+    def load(self) -> dict | None:
+        try:
+            data = self.storage.read_bytes(self.key)
+        except FileNotFoundError:
+            return None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def save(self, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.storage.write_bytes(self.key, buf.getvalue())
+
+
+@dataclass
+class FoldSummary:
+    """What a trained fold reports (``fold.json`` adds its history and full metrics)."""
+
+    fold: int
+    version: str
+    refit: bool
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int
+    batch_size: int
+    grad_accum_steps: int
+    train_images: int
+    val_images: int
+    seconds: float
+    device: str
+    weights: str
+    sha256: str
+    mean: list[float]
+    std: list[float]
+    metrics: dict = field(default_factory=dict)
+    reused: bool = False
+
+    @classmethod
+    def from_record(cls, record: dict) -> FoldSummary:
+        """From a fold.json (which holds more than the summary)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+
+def _fold_file(version: str, fold: int, cfg: TrainConfig, name: str) -> str:
+    """A file of fold ``fold``; ``fold == cfg.folds`` is the refit on every train row."""
+    return layout.fold(version, fold, name, refit=fold == cfg.folds)
+
+
+def train_fold(
+    storage: Storage,
+    config: RetrainConfig,
+    snapshot: str,
+    version: str,
+    fold: int,
+    *,
+    device: str | None = None,
+    on_epoch=None,
+) -> FoldSummary:
+    """Trains fold ``fold`` of ``snapshot`` into ``models/<version>/folds/<fold>/``
+    (model.safetensors, oof.parquet, and fold.json last). Returns a summary, never the model.
+
+    A fold whose fold.json exists is done (the version encodes snapshot, config and code): its
+    summary is returned without training. An unfinished fold continues from its last epoch
+    checkpoint. ``fold == cfg.folds`` is the refit on every train row (``final_model="refit"``).
+
+    Raises:
+        NonFiniteLoss: training diverged; no fold.json is written, so the fold is never used.
+    """
+    cfg = config.train
+    file = lambda name: _fold_file(version, fold, cfg, name)  # noqa: E731
+    done = storage.read_json(file("fold.json"), missing_ok=True)
+    if done is not None:
+        log.info("fold %d of %s already trained: reusing it", fold, version)
+        return FoldSummary.from_record({**done, "reused": True})
+    rows, classes, _ = read_index(storage, snapshot)
+    train_rows, val_rows, fold_cfg = _fold_rows(storage, rows, version, fold, cfg)
+    dev = resolve_device(device or config.device)
+    t0 = time.perf_counter()
+    data = _fold_data(storage, config, train_rows, val_rows, len(classes))
+    result, weights = _fit_weights(
+        data, fold_cfg, config, dev, on_epoch, StorageCheckpointer(storage, file("checkpoint.pt"))
+    )
+    storage.write_bytes(file("model.safetensors"), weights)
+    summary = FoldSummary(
+        **_fit_facts(result),
+        fold=fold,
+        version=version,
+        refit=fold == cfg.folds,
+        train_images=len(train_rows),
+        val_images=len(val_rows),
+        seconds=time.perf_counter() - t0,
+        device=str(dev),
+        weights=storage.url(file("model.safetensors")),
+        sha256=sha256(weights),
+    )
+    _finish_fold(storage, summary, result, train_rows, val_rows, classes)
+    return summary
+
+
+def _fold_data(storage: Storage, config: RetrainConfig, train_rows, val_rows, n: int) -> FoldData:
+    """Local files and labels of the fold's rows (a worker that never synced fetches them)."""
+    cache = config.cache_path(storage)
+    return FoldData(
+        local_paths(storage, train_rows, cache),
+        train_rows["class_index"].tolist(),
+        local_paths(storage, val_rows, cache),
+        val_rows["class_index"].tolist(),
+        n,
+    )
+
+
+def _fit_weights(data, cfg, config, device, on_epoch, checkpoint) -> tuple[FoldResult, bytes]:
+    """The fit and its weights as safetensors bytes; the GPU is emptied either way, so the
+    next fold (or task on this worker) starts from an empty GPU."""
+    try:
+        result = fit(
+            data,
+            cfg,
+            device=device,
+            num_workers=config.num_workers,
+            on_epoch=on_epoch,
+            checkpoint=checkpoint,
+        )
+        return result, to_bytes(result.model)
+    finally:
+        release_memory()
+
+
+def _fit_facts(result: FoldResult) -> dict:
+    return {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "batch_size": result.batch_size,
+        "grad_accum_steps": result.grad_accum_steps,
+        "mean": result.mean,
+        "std": result.std,
+    }
+
+
+def _fold_rows(storage: Storage, rows: pd.DataFrame, version: str, fold: int, cfg: TrainConfig):
+    """(train rows, validation rows, the config to train with) of a fold or the refit."""
+    train = rows[rows["split"] == "train"]
+    if fold == cfg.folds:
+        epochs = refit_epochs(storage, version, cfg)
+        return train, train.iloc[:0], cfg.model_copy(update={"epochs": epochs})
+    return train[train["fold"] != fold], train[train["fold"] == fold], cfg
+
+
+def _finish_fold(
+    storage: Storage, summary: FoldSummary, result: FoldResult, train_rows, val_rows, classes
+) -> None:
+    """Validation metrics and oof.parquet, then fold.json (the fold's done mark), then the
+    checkpoint goes: its resume state (weights + optimizer) is dead weight now."""
+    file = lambda name: layout.fold(summary.version, summary.fold, name, refit=summary.refit)  # noqa: E731
+    full = {}
+    if not summary.refit:
+        counts = train_rows["class_index"].value_counts().reindex(range(len(classes)), fill_value=0)
+        full = mx.classification_metrics(
+            val_rows["class_index"].to_numpy(),
+            result.val_probs,
+            classes,
+            train_counts=counts.tolist(),
+        )
+        summary.metrics = {k: full[k] for k in mx.SCALARS if k in full}
+        probs = result.val_probs
+        oof = val_rows[["image_id", "key", "label", "class_index"]].assign(
+            fold=summary.fold,
+            pred_index=probs.argmax(1),
+            confidence=probs.max(1),
+            probs=list(probs),
+        )
+        storage.write_parquet(file("oof.parquet"), oof)
+    record = {**asdict(summary), "history": result.history, "full_metrics": full}
+    storage.write_json(file("fold.json"), record)
+    storage.delete(file("checkpoint.pt"))
+
+
+def refit_epochs(storage: Storage, version: str, cfg: TrainConfig) -> int:
+    """The folds' mean best epoch count (rounded, at least 1), from their fold.json files."""
+    best = []
+    for k in range(cfg.folds):
+        rec = storage.read_json(layout.fold(version, k, "fold.json"), missing_ok=True)
+        if rec is None:
+            raise FileNotFoundError(
+                f"fold {k} of {version} has not finished: the refit needs every fold's best epoch"
+            )
+        best.append(rec["best_epoch"] + 1)
+    return max(1, round(float(np.mean(best))))
+
+
+def finalize_candidate(
+    storage: Storage, cfg: TrainConfig, snapshot: str, version: str, folds: list[FoldSummary]
+) -> dict:
+    """Writes the candidate's ``model.safetensors`` (the best fold's, or the refit's), model.json
+    (with the fold members when ``final_model="ensemble"``), oof.parquet, oof_metrics.json and
+    the plots. Returns model.json."""
+    rows, classes, _ = read_index(storage, snapshot)
+    folds = sorted((s for s in folds if not s.refit), key=lambda s: s.fold)
+    best = max(folds, key=lambda s: (s.metrics[cfg.metric], -s.fold))
+    source = best
+    if cfg.final_model == "refit":
+        record = storage.read_json(
+            layout.fold(version, 0, "fold.json", refit=True), missing_ok=True
+        )
+        if record is None:
+            raise FileNotFoundError(
+                f"final_model is refit but {version} has no refit/fold.json:"
+                " train fold index cfg.folds first"
+            )
+        source = FoldSummary.from_record(record)
+    weights = storage.read_bytes(
+        layout.fold(version, source.fold, "model.safetensors", refit=source.refit)
+    )
+    storage.write_bytes(layout.version(version, "model.safetensors"), weights)
+    meta = _model_meta(cfg, snapshot, version, classes, best, sha256(weights))
+    if cfg.final_model == "refit":
+        meta["refit_epochs"] = source.epochs_run
+    if cfg.final_model == "ensemble":
+        meta["ensemble"] = [{"key": layout.member(s.fold), "sha256": s.sha256} for s in folds]
+    _write_timm_configs(storage, cfg, version, classes, best, folds)
+    storage.write_json(layout.version(version, "model.json"), meta)
+    _write_reports(storage, version, folds, classes, rows)
+    return meta
+
+
+def _write_timm_configs(storage: Storage, cfg: TrainConfig, version, classes, best, folds) -> None:
+    """timm's config.json beside the version's weights, and beside each member's for an
+    ensemble, so that ``timm.create_model("local-dir:<folder>", pretrained=True)`` loads them."""
+    model = create_model(cfg, len(classes), pretrained=False)
+    config = hub_config(model, cfg.backbone, classes, cfg.image_size, best.mean, best.std)
+    storage.write_json(layout.version(version, "config.json"), config)
+    if cfg.final_model == "ensemble":
+        for s in folds:
+            storage.write_json(
+                layout.version(version, layout.member(s.fold, "config.json")), config
+            )
+
+
+def _model_meta(
+    cfg: TrainConfig, snapshot: str, version: str, classes, best: FoldSummary, sha: str
+) -> dict:
+    return {
+        "version": version,
+        "backbone": cfg.backbone,
+        "classes": classes,
+        "image_size": cfg.image_size,
+        "mean": best.mean,
+        "std": best.std,
+        "train_config": cfg.model_dump(mode="json"),
+        "index_snapshot": snapshot,
+        "final_model": cfg.final_model,
+        "chosen_fold": best.fold,
+        "selection_metric": cfg.metric,
+        "sha256": sha,
+        "code_version": darkroom.__version__,
+        "seed": cfg.seed,
+        "created_at": datetime.now(UTC).isoformat(),
+        "python": platform.python_version(),
+    }
+
+
+def _write_reports(storage: Storage, version: str, folds: list[FoldSummary], classes, rows) -> None:
+    """oof.parquet, oof_metrics.json and the plots of a candidate."""
+    key = lambda name: layout.version(version, name)  # noqa: E731
+    oof = pd.concat(
+        [storage.read_parquet(layout.fold(version, s.fold, "oof.parquet")) for s in folds],
+        ignore_index=True,
+    )
+    storage.write_parquet(key("oof.parquet"), oof)
+    train = rows[rows["split"] == "train"]
+    counts = train["class_index"].value_counts().reindex(range(len(classes)), fill_value=0)
+    oof_metrics = mx.classification_metrics(
+        oof["class_index"].to_numpy(),
+        np.stack(oof["probs"].to_numpy()),
+        classes,
+        train_counts=counts.tolist(),
+    )
+    cv = mx.aggregate([s.metrics for s in folds])
+    storage.write_json(key("oof_metrics.json"), {"oof": oof_metrics, "cv": cv})
+    histories = {
+        s.fold: storage.read_json(layout.fold(version, s.fold, "fold.json"))["history"]
+        for s in folds
+    }
+    storage.write_bytes(key("curves.png"), plots.curves_png(histories))
+    cm = oof_metrics["confusion_matrix"]
+    storage.write_bytes(
+        key("confusion.png"), plots.confusion_png(cm, classes, "out-of-fold confusion matrix")
+    )
+    storage.write_bytes(
+        key("per_class.png"),
+        plots.per_class_png(
+            oof_metrics["per_class_accuracy"], oof_metrics["per_class_train_images"]
+        ),
+    )
+    storage.write_bytes(key("mistakes.png"), _mistakes_png(storage, oof, classes))
+
+
+def _mistakes_png(storage: Storage, oof: pd.DataFrame, classes: list[str], n: int = 16) -> bytes:
+    """The most confident wrong out-of-fold predictions, with their images."""
+    wrong = oof[oof["pred_index"] != oof["class_index"]]
+    items = []
+    for r in wrong.sort_values("confidence", ascending=False).head(n).itertuples():
+        try:
+            image = decode_rgb(storage.read_bytes(r.key))
+        except (FileNotFoundError, UnreadableImage):
+            image = None  # a gallery without one picture beats no gallery
+        items.append((image, r.label, classes[r.pred_index], float(r.confidence)))
+    return plots.mistakes_png(items)

@@ -1,0 +1,28 @@
+"""The index task: rebuild the labeled index snapshot."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+
+from darkroom import index
+from darkroom.config import RetrainConfig
+from darkroom.storage import open_storage
+from tasks.common import io_task, log_progress
+
+
+@io_task(name="rebuild-index", retries=2, retry_delay_seconds=10)
+def rebuild_index(config: RetrainConfig, run_name: str) -> index.IndexResult:
+    storage = open_storage(config.storage)
+    result = index.rebuild_index(storage, config, run_name, log_progress("indexing images"))
+    s = result.summary
+    get_run_logger().info(
+        "index %s: %d images, %d usable (%d train, %d holdout), %d classes, excluded %s",
+        result.snapshot,
+        s.images,
+        s.usable,
+        s.train,
+        s.holdout,
+        s.classes,
+        s.excluded or "none",
+    )
+    return result

@@ -1,0 +1,145 @@
+"""Reporting to people and automations: Prefect artifacts for the UI and darkroom's events."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from darkroom import layout
+from darkroom.promotion import METRICS_SHOWN, Outcome
+from darkroom.storage import Storage, open_storage
+from darkroom.train import FoldSummary
+from darkroom.watch import resource_id
+
+PLOTS = ("curves.png", "confusion.png", "per_class.png", "mistakes.png")
+PROMOTED, REJECTED = "darkroom.model.promoted", "darkroom.model.rejected"
+
+
+@task(name="publish-retrain", cache_policy=NO_CACHE)
+def publish_retrain(
+    storage_uri: str, outcome: Outcome, folds: list[FoldSummary], metrics: dict
+) -> None:
+    """The fold table and the decision as artifacts, and a promoted/rejected event."""
+    storage = open_storage(storage_uri)
+    rows = [
+        {
+            "fold": s.fold,
+            "best_epoch": s.best_epoch,
+            "val_images": s.val_images,
+            **{m: round(s.metrics[m], 4) for m in METRICS_SHOWN},
+        }
+        for s in folds
+    ]
+    create_table_artifact(
+        rows, key="fold-metrics", description=f"Per-fold validation metrics of {outcome.version}"
+    )
+    create_markdown_artifact(
+        decision_markdown(storage, outcome, metrics["cv"]),
+        key="promotion-decision",
+        description=f"Promotion decision for {outcome.version}",
+    )
+    shown = lambda m: {k: m[k] for k in METRICS_SHOWN} if m else None  # noqa: E731
+    emit_event(
+        event=PROMOTED if outcome.promoted else REJECTED,
+        resource={"prefect.resource.id": resource_id(storage)},
+        payload={
+            "version": outcome.version,
+            "previous": outcome.champion_version,
+            "rule": outcome.decision.rule,
+            "holdout": shown(outcome.holdout),
+            "champion_holdout": shown(outcome.champion_holdout),
+        },
+    )
+
+
+def _metrics_table(cv: dict, holdout: dict, champion: dict) -> list[str]:
+    lines = [
+        "| metric | CV mean ± std | holdout (challenger) | holdout (champion) |",
+        "|---|---|---|---|",
+    ]
+    for m in METRICS_SHOWN:
+        c = cv.get(m)
+        cvs = f"{c['mean']:.4f} ± {c['std']:.4f}" if c else "-"
+        old = f"{champion[m]:.4f}" if m in champion else "-"
+        lines.append(f"| {m} | {cvs} | {holdout[m]:.4f} | {old} |")
+    return lines
+
+
+def _recall_table(outcome: Outcome) -> list[str]:
+    lines = [
+        "| class | holdout images | recall (challenger) | recall (champion) |",
+        "|---|---|---|---|",
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    support = outcome.holdout["per_class_support"]
+    for c, r in outcome.decision.per_class_recall.items():
+        lines.append(
+            f"| {c} | {support.get(c, 0)} | {fmt(r['challenger'])} | {fmt(r['champion'])} |"
+        )
+    return lines
+
+
+def _confusion_table(holdout: dict) -> list[str]:
+    classes = list(holdout["per_class_support"])
+    lines = [
+        "Holdout confusion matrix (rows: true, columns: predicted)",
+        "",
+        "| true \\ predicted | " + " | ".join(classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
+    ]
+    for c, row in zip(classes, holdout["confusion_matrix"], strict=True):
+        lines.append(f"| **{c}** | " + " | ".join(str(v) for v in row) + " |")
+    return lines
+
+
+def decision_markdown(storage: Storage, outcome: Outcome, cv: dict) -> str:
+    """The decision as the UI shows it: rule, metrics side by side, per-class recall, the
+    holdout confusion matrix and links to the plots."""
+    version = outcome.version
+    base = storage.url(layout.version(version))
+    plots = [p for p in PLOTS if storage.exists(layout.version(version, p))]
+    lines = [
+        f"# {'Promoted' if outcome.promoted else 'Not promoted'}: `{version}`",
+        "",
+        f"**Rule:** {outcome.decision.rule}",
+        "",
+        f"Champion before this run: `{outcome.champion_version or 'none'}`",
+        "",
+        *_metrics_table(cv, outcome.holdout, outcome.champion_holdout or {}),
+        "",
+        *_recall_table(outcome),
+        "",
+        *_confusion_table(outcome.holdout),
+        "",
+        "Plots: " + ", ".join(f"[{p}]({base}{p})" for p in plots),
+        "",
+        f"Files: `{base}`",
+    ]
+    return "\n".join(lines)
+
+
+@task(name="publish-scoring", cache_policy=NO_CACHE)
+def publish_scoring(summary: dict) -> None:
+    create_markdown_artifact(
+        scoring_markdown(summary),
+        key="scoring-summary",
+        description=f"Scoring run with {summary['version']}",
+    )
+
+
+def scoring_markdown(s: dict) -> str:
+    lines = [
+        f"# Scored with `{s['version']}`",
+        "",
+        "| incoming | skipped (already scored) | scored | failed | low confidence |",
+        "|---|---|---|---|---|",
+        f"| {s['incoming']} | {s['already_scored']} | {s['scored']} | {s['failed']} | "
+        f"{s['low_confidence']} |",
+        "",
+        "| predicted class | images |",
+        "|---|---|",
+    ]
+    lines += [f"| {c} | {n} |" for c, n in s["per_class"].items()]
+    return "\n".join(lines) + "\n"

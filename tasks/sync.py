@@ -1,0 +1,21 @@
+"""The sync task: mirror labeled/ into the local cache."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+
+from darkroom import sync
+from darkroom.config import RetrainConfig
+from darkroom.storage import open_storage
+from tasks.common import io_task, log_progress
+
+
+@io_task(name="sync-labeled")
+def sync_labeled(config: RetrainConfig) -> sync.SyncReport:
+    progress = log_progress("downloading labeled images")
+    report = sync.sync_labeled(open_storage(config.storage), config, progress)
+    logger = get_run_logger()
+    logger.info(report.summary())
+    for key in report.refused_keys:
+        logger.warning("refused unsafe key %r (it would escape the cache directory)", key)
+    return report
