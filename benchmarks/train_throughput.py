@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     cfg = TrainConfig(
         backbone=a.backbone,
+        pretrained=False,  # random-noise images; nothing to download on the GPU machine
         image_size=a.image_size,
         batch_size=a.batch_size,
         epochs=a.epochs,

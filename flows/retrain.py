@@ -21,7 +21,7 @@ from tasks.index import rebuild_index
 from tasks.promotion import evaluate_candidate, promote_candidate
 from tasks.reporting import publish_retrain
 from tasks.sync import sync_labeled
-from tasks.train import finalize_candidate, train_fold
+from tasks.train import check_pretrained, finalize_candidate, train_fold
 
 
 @flow(name="nightly-retrain", flow_run_name=run_name("retrain"), log_prints=True)
@@ -29,6 +29,7 @@ def nightly_retrain(config: RetrainConfig | None = None) -> dict:
     """Retrains on the current labeled data and promotes the result only if it beats the
     champion on the same holdout."""
     config = config or RetrainConfig()
+    check_pretrained(config)
     synced = sync_labeled(config)
     index = rebuild_index(config, _run_label())
     result = {"sync": asdict(synced), "index": asdict(index)}

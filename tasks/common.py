@@ -15,9 +15,10 @@ from prefect.cache_policies import NO_CACHE
 
 from darkroom.fit import NonFiniteLoss
 from darkroom.index import DatasetError
+from darkroom.storage import StorageSetupError
 
 # A retry cannot fix bad data, a diverged run or a bad config; it can fix I/O and preemption.
-NOT_RETRIED = (DatasetError, NonFiniteLoss, ValueError, PermissionError)
+NOT_RETRIED = (DatasetError, NonFiniteLoss, StorageSetupError, ValueError, PermissionError)
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:

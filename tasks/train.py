@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 
-from darkroom import train
+from darkroom import model, train
 from darkroom.config import RetrainConfig
 from darkroom.model import resolve_device
 from darkroom.storage import open_storage
 from tasks.common import gpu_slot, io_task, progress_bar
+
+
+@task(name="check-pretrained-weights", cache_policy=NO_CACHE)
+def check_pretrained(config: RetrainConfig) -> None:
+    """Stops the run before any work when pretrained weights cannot be had (not retried)."""
+    model.check_pretrained(config.train)
 
 
 @io_task(task_run_name="train-fold-{fold}", retries=2, retry_delay_seconds=30)

@@ -18,6 +18,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 TINY = TrainConfig.model_validate(
     dict(
         backbone="test_resnet",
+        pretrained=False,
         image_size=32,
         batch_size=32,
         epochs=1,

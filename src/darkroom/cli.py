@@ -14,9 +14,10 @@ import logging
 import os
 import sys
 
+import darkroom
 from darkroom import layout, registry
 from darkroom.config import RetrainConfig, RuntimeConfig, ScoreConfig
-from darkroom.flags import GATE_FIELDS, add_config_flags, config_from_args
+from darkroom.flags import GATE_FIELDS, add_config_flags, config_from_args, explain
 from darkroom.storage import open_storage
 
 
@@ -55,11 +56,6 @@ def _arg(*flags, **kw) -> tuple:
     "write the scikit-learn digits as demo images",
     args=[_arg("--limit", type=int, help="write only the first N digits")],
 )
-@command(
-    "demo",
-    "demo data, retrain, score and a report (make demo)",
-    args=[_arg("--epochs", type=int, help="override the demo's epochs")],
-)
 def cmd_demo_data(a) -> int:
     from darkroom.demo import write_demo_data
 
@@ -72,11 +68,32 @@ def cmd_demo_data(a) -> int:
     return 0
 
 
+def _readable(uri: str, labeled: bool = False):
+    """The storage root, checked before a flow starts: a root that cannot be read fails here
+    in one line, not in a task's traceback."""
+    from darkroom.index import require_labeled
+
+    storage = open_storage(uri)
+    storage.check()
+    if labeled:
+        require_labeled(storage)
+    return storage
+
+
+def _check_pretrained(config: RetrainConfig) -> None:
+    from darkroom.model import check_pretrained  # torch and timm only where training runs
+
+    check_pretrained(config.train)
+
+
 @command(
     "retrain", "sync, index, K-fold train, promote if better", (RetrainConfig,), config_file=True
 )
 def cmd_retrain(a) -> int:
-    result = _flows("retrain").nightly_retrain(config_from_args(RetrainConfig, a))
+    config = config_from_args(RetrainConfig, a)
+    _readable(config.storage, labeled=True)
+    _check_pretrained(config)
+    result = _flows("retrain").nightly_retrain(config)
     print(json.dumps(brief_retrain(result), indent=2))
     return 0
 
@@ -96,6 +113,7 @@ def cmd_retrain(a) -> int:
 )
 def cmd_score(a) -> int:
     config = config_from_args(ScoreConfig, a)
+    _readable(config.storage)
     result = _flows("score").score_new_images(config, rescore=a.rescore)
     print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
     return 0
@@ -261,6 +279,7 @@ def cmd_find_lr(a) -> int:
     from darkroom.lr_finder import find_lr
 
     config = config_from_args(RetrainConfig, a)
+    _check_pretrained(config)
     out = find_lr(open_storage(config.storage), config, steps=a.steps)
     lr = out["suggested_lr"]
     print(
@@ -272,6 +291,11 @@ def cmd_find_lr(a) -> int:
     return 0
 
 
+@command(
+    "demo",
+    "demo data, retrain, score and a report (make demo)",
+    args=[_arg("--epochs", type=int, help="override the demo's epochs")],
+)
 def cmd_demo(a) -> int:
     """Demo data if absent, retrain, score, then a report of what was produced."""
     from darkroom.demo import DEMO_TRAIN, has_demo_data, report, write_demo_data
@@ -291,6 +315,7 @@ def cmd_demo(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="darkroom", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"darkroom {darkroom.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, c in COMMANDS.items():
         p = sub.add_parser(name, help=c["help"], description=c["help"])
@@ -316,15 +341,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pydantic import ValidationError
+
     from darkroom.index import DatasetError
     from darkroom.storage import StorageError
 
     try:
         return args.func(args)
+    except ValidationError as e:
+        return _fail(explain(e))
     # ValueError covers bad config values and weights that fail their sha256 check.
     except (DatasetError, StorageError, FileNotFoundError, registry.RegistryError, ValueError) as e:
-        print(f"darkroom: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+
+
+def _fail(message: str) -> int:
+    """One line on stderr that says what to fix, and exit status 1 (2 is argparse's)."""
+    print(f"darkroom: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

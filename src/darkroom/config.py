@@ -20,9 +20,16 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field("resnet18", description="Any timm model name.")
-    pretrained: bool = Field(False, description="Load pretrained weights (HF hub cache).")
+    pretrained: bool = Field(
+        True,
+        description="Start from the backbone's pretrained weights (timm, through the Hugging "
+        "Face cache; or pretrained_file). Off: train from scratch.",
+    )
     pretrained_file: str | None = Field(
-        None, description="Local path to backbone weights (.safetensors/.pth), loaded by timm."
+        None,
+        description="Backbone weights to start from (.safetensors/.pth): a local path or a "
+        "storage URI (s3://..., file://...), loaded by timm; a head of another size is "
+        "re-initialised.",
     )
     image_size: int = Field(224, ge=8, le=2048)
     batch_size: int = Field(32, ge=1)

@@ -18,6 +18,7 @@ from darkroom.storage import Storage
 # 1e-4 fine-tuning rate, and must not be mirrored.
 DEMO_TRAIN = TrainConfig(
     backbone="resnet18",
+    pretrained=False,
     image_size=32,
     batch_size=64,
     epochs=8,

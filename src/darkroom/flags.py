@@ -8,7 +8,7 @@ import argparse
 import types
 import typing
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from darkroom.config import TrainConfig
 
@@ -57,14 +57,18 @@ def read_config_file(path: str | None) -> dict:
     parameters: ``train`` nested)."""
     if not path:
         return {}
-    with open(path, "rb") as f:
-        if path.endswith(".toml"):
-            import tomllib
+    import tomllib
 
-            return tomllib.load(f)
-        import yaml
+    import yaml
 
-        return yaml.safe_load(f) or {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f) if path.endswith(".toml") else yaml.safe_load(f)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot parse {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(data or {}, dict):
+        raise ValueError(f"{path} must hold a mapping of config fields, not {type(data).__name__}")
+    return data or {}
 
 
 def config_from_args(model: type[BaseModel], a: argparse.Namespace, **extra):
@@ -81,3 +85,15 @@ def config_from_args(model: type[BaseModel], a: argparse.Namespace, **extra):
         elif name in given:
             data[name] = given[name]
     return model.model_validate(data)
+
+
+def explain(error: ValidationError) -> str:
+    """A config validation error on one line: which field, and what is wrong with it."""
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config field {where!r} (--help lists the fields)")
+        else:
+            parts.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(parts)

@@ -26,7 +26,7 @@ from darkroom import layout
 from darkroom.config import RetrainConfig
 from darkroom.progress import Progress
 from darkroom.storage import Storage
-from darkroom.sync import CachedObject, load_manifest
+from darkroom.sync import CachedObject, is_image_key, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,15 @@ class IndexResult:
     quarantine: str | None = None
 
 
+def require_labeled(storage: Storage) -> None:
+    """Raises DatasetError when ``labeled/`` holds no image at all."""
+    if not any(is_image_key(o.key) for o in storage.list(layout.LABELED)):
+        raise DatasetError(
+            f"no images under {storage.url(layout.LABELED)}: add them as "
+            f"{layout.LABELED}<class>/<name>.jpg (one folder per class), or fix --storage"
+        )
+
+
 def rebuild_index(
     storage: Storage, config: RetrainConfig, run_name: str, progress: Progress = None
 ) -> IndexResult:
@@ -330,6 +339,8 @@ def rebuild_index(
     rows for unchanged objects), writes the snapshot, the pointer and a quarantine report of
     unusable images."""
     objects = load_manifest(config.cache_path(storage), layout.LABELED)
+    if not objects:
+        require_labeled(storage)  # says what to do when labeled/ is empty
     previous = None
     with contextlib.suppress(FileNotFoundError):
         previous = read_index(storage).rows

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +42,65 @@ def create_model(cfg: TrainConfig, num_classes: int, *, pretrained: bool | None 
                 f"unknown timm backbone {cfg.backbone!r}: see timm.list_models()"
             ) from None
         raise
+
+
+class PretrainedUnavailable(ValueError):
+    """Pretrained weights were asked for and cannot be had here."""
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    # huggingface_hub reads its offline switch per call: this asks the local cache only,
+    # instead of retrying an unreachable hub for most of a minute.
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """Fails at once, naming the ways out, when ``cfg`` asks for pretrained weights that are
+    neither in the local cache nor downloadable (a machine without internet access).
+
+    Raises:
+        PretrainedUnavailable: neither the cache nor the hub has them.
+        FileNotFoundError: ``pretrained_file`` is a local path that does not exist.
+    """
+    if not cfg.pretrained:
+        return
+    if cfg.pretrained_file:
+        if (
+            "://" not in cfg.pretrained_file
+            and not Path(cfg.pretrained_file).expanduser().is_file()
+        ):
+            raise FileNotFoundError(f"pretrained_file {cfg.pretrained_file} does not exist")
+        return
+    try:
+        with _hub_offline():
+            create_model(cfg, 2)  # weights already in the cache: nothing to download
+        return
+    except (OSError, RuntimeError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise PretrainedUnavailable(
+            f"pretrained weights for {cfg.backbone!r} are not in the local cache and the "
+            "Hugging Face hub cannot be reached: pass --pretrained-file PATH (the backbone's "
+            ".safetensors/.pth) or --no-pretrained to train from scratch"
+        )
 
 
 def mean_std(model) -> tuple[list[float], list[float]]:

@@ -8,7 +8,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from darkroom.storage import ObjectInfo, PreconditionFailed, Storage, StorageError, check_key
+from darkroom.storage import (
+    ObjectInfo,
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    StorageSetupError,
+    check_key,
+)
+
+DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 
 
 class S3Storage(Storage):
@@ -39,9 +48,52 @@ class S3Storage(Storage):
 
         return ClientError, BotoCoreError
 
+    def _endpoint(self) -> str:
+        return self.client.meta.endpoint_url
+
+    def storage_error(self, e: Exception, what: str) -> Exception:
+        """The darkroom error for a boto3 failure of ``what`` (a retry cannot fix credentials,
+        permissions or a missing bucket: those are StorageSetupError), else ``e`` itself."""
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(e, NoCredentialsError | PartialCredentialsError):
+            return StorageSetupError(
+                f"no AWS credentials to read {self.uri}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+            )
+        if isinstance(e, EndpointConnectionError):
+            return StorageError(f"cannot reach the S3 endpoint {self._endpoint()}: {e}")
+        code = e.response["Error"]["Code"] if isinstance(e, ClientError) else ""
+        if code == "NoSuchBucket":
+            return StorageSetupError(
+                f"bucket {self.bucket!r} does not exist at {self._endpoint()}: create it, or "
+                "fix --storage (and AWS_ENDPOINT_URL)"
+            )
+        if code in DENIED:
+            return StorageSetupError(
+                f"access denied ({code}) to {self.uri} while trying to {what}: check the "
+                "credentials and the bucket policy"
+            )
+        return e
+
+    def check(self) -> None:
+        what = "list the bucket"
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._rel_prefix(), MaxKeys=1)
+        except Exception as e:
+            raise self.storage_error(e, what) from e
+
+    def _rel_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         ClientError, _ = self._errors()
-        full = (f"{self.prefix}/" if self.prefix else "") + prefix
+        full = self._rel_prefix() + prefix
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
@@ -54,8 +106,11 @@ class S3Storage(Storage):
                         obj["ETag"].strip('"'),
                         obj["LastModified"],
                     )
-        except ClientError as e:
-            raise StorageError(f"cannot list {self.uri}/{prefix}: {e}") from e
+        except Exception as e:
+            error = self.storage_error(e, f"list {prefix or '/'}")
+            if error is e and isinstance(e, ClientError):
+                error = StorageError(f"cannot list {self.uri}/{prefix}: {e}")
+            raise error from e
 
     def read_bytes(self, key: str) -> bytes:
         ClientError, _ = self._errors()
@@ -64,7 +119,7 @@ class S3Storage(Storage):
         except ClientError as e:
             if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-            raise
+            raise self.storage_error(e, f"read {key}") from e
 
     def head(self, key: str) -> dict | None:
         ClientError, _ = self._errors()
@@ -73,7 +128,7 @@ class S3Storage(Storage):
         except ClientError as e:
             if e.response["Error"]["Code"] in ("NoSuchKey", "404", "NotFound"):
                 return None
-            raise
+            raise self.storage_error(e, f"read {key}") from e
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -100,7 +155,7 @@ class S3Storage(Storage):
                 raise PreconditionFailed(f"{self.url(key)} changed since it was read") from e
             if if_match is not None and code in ("NoSuchKey", "404", "NotFound"):
                 raise PreconditionFailed(f"{self.url(key)} no longer exists") from e
-            raise
+            raise self.storage_error(e, f"write {key}") from e
         return resp["ETag"].strip('"')
 
     def _delete(self, key: str) -> None:
@@ -112,5 +167,7 @@ class S3Storage(Storage):
         try:
             self.client.download_file(self.bucket, self._key(key), str(tmp))
             os.replace(tmp, dest)
+        except self._errors() as e:
+            raise self.storage_error(e, f"read {key}") from e
         finally:
             tmp.unlink(missing_ok=True)

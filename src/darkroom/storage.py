@@ -31,6 +31,11 @@ class StorageError(RuntimeError):
     """A storage operation failed in a way the user must fix (bad URI, missing bucket...)."""
 
 
+class StorageSetupError(StorageError):
+    """Storage that no retry can fix: credentials, permissions, a missing bucket or root, a bad
+    URI. The message says what to set or create."""
+
+
 class PreconditionFailed(StorageError):
     """A conditional write lost: the object changed since it was read."""
 
@@ -73,6 +78,15 @@ class Storage:
     uri: str
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Fails fast, with what to fix, when the root cannot be read (missing root or bucket,
+        no credentials, access denied).
+
+        Raises:
+            StorageSetupError: the root is unusable as configured.
+        """
         raise NotImplementedError
 
     def read_bytes(self, key: str) -> bytes:
@@ -222,6 +236,13 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise StorageSetupError(
+                f"storage root {self.root} does not exist: create it (or run `darkroom "
+                "demo-data`), or fix --storage"
+            )
+
     @staticmethod
     def _etag_of(st: os.stat_result) -> str:
         return f"{st.st_mtime_ns:x}-{st.st_size:x}"
@@ -314,13 +335,15 @@ def open_storage(uri: str | None = None) -> Storage:
         return LocalStorage(path or ".")
     if parsed.scheme == "s3":
         if len(parsed.netloc) < 3:
-            raise StorageError(f"bad S3 URI {uri!r}: expected s3://bucket[/prefix]")
+            raise StorageSetupError(f"bad S3 URI {uri!r}: expected s3://bucket[/prefix]")
         from darkroom.s3 import S3Storage
 
         return S3Storage(parsed.netloc, parsed.path)
     if parsed.scheme == "" and uri:
         return LocalStorage(uri)
-    raise StorageError(f"unsupported storage URI {uri!r}: use file://PATH or s3://BUCKET/PREFIX")
+    raise StorageSetupError(
+        f"unsupported storage URI {uri!r}: use file://PATH or s3://BUCKET/PREFIX"
+    )
 
 
 def __getattr__(name: str):

@@ -26,6 +26,7 @@ TINY_RETRAIN = {
     "num_workers": 0,
     "train": {
         "backbone": "test_resnet",
+        "pretrained": False,
         "image_size": 32,
         "batch_size": 32,
         "epochs": 2,

@@ -36,6 +36,7 @@ def _retrain(storage, tmp_path, *extra: str, epochs: int = 12) -> list[str]:
         "cpu",
         "--backbone",
         "test_resnet",
+        "--no-pretrained",
         "--image-size",
         "32",
         "--folds",

@@ -80,6 +80,7 @@ def test_retrain_score_status_on_s3(s3_env, tmp_path):
         str(cache),
         "--backbone",
         "test_resnet",
+        "--no-pretrained",
         "--image-size",
         "32",
         "--folds",

@@ -1,0 +1,118 @@
+"""The command line as people use it: flags made from the configs, --config files, routing,
+and one-line errors (exit 1, no traceback) that say what to fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from darkroom import cli
+from darkroom.config import RetrainConfig, ScoreConfig, TrainConfig
+from tests.conftest import write_digits
+
+
+def darkroom(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "darkroom.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})},
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("darkroom: error:")]
+    assert len(lines) == 1, run.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_every_subcommand_runs_its_own_function():
+    parser = cli.build_parser()
+    for name in cli.COMMANDS:
+        args = ["v1"] if name == "promote" else []
+        func = parser.parse_args([name, *args]).func
+        assert func.__name__ == "cmd_" + name.replace("-", "_"), name
+
+
+def test_every_config_field_is_a_flag_with_its_default():
+    help_text = " ".join(
+        cli.build_parser()._subparsers._group_actions[0].choices["retrain"].format_help().split()
+    )
+    fields = [f for f in RetrainConfig.model_fields if f != "train"] + list(
+        TrainConfig.model_fields
+    )
+    for name in fields:
+        assert f"--{name.replace('_', '-')}" in help_text, name
+    assert "--no-pretrained" in help_text and "(default: True)" in help_text
+    assert "(default: resnet18)" in help_text and "{adam,adamw,sgd}" in help_text
+
+
+def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
+    path = tmp_path / "nightly.yaml"
+    path.write_text("min_delta: 0.01\ntrain:\n  epochs: 3\n  backbone: resnet50\n")
+    parser = cli.build_parser()
+    config = cli.config_from_args(
+        RetrainConfig, parser.parse_args(["retrain", "--config", str(path), "--epochs", "4"])
+    )
+    assert config.train.epochs == 4 and config.train.backbone == "resnet50"
+    assert config.min_delta == 0.01 and config.train.lr == TrainConfig().lr
+    toml = tmp_path / "score.toml"
+    toml.write_text("chunk_size = 7\ntopk = 2\n")
+    score = cli.config_from_args(
+        ScoreConfig, parser.parse_args(["score", "--config", str(toml), "--topk", "3"])
+    )
+    assert (score.chunk_size, score.topk) == (7, 3)
+    a = parser.parse_args(["retrain", "--pretrained-file", "w.safetensors"])
+    assert cli.config_from_args(RetrainConfig, a).train.pretrained  # a file asks for it
+
+
+def test_version():
+    run = darkroom("--version")
+    assert run.returncode == 0 and run.stdout.startswith("darkroom ")
+
+
+def test_an_unknown_uri_scheme_is_one_line():
+    one_line_error(darkroom("status", "--storage", "ftp://host/x"), "unsupported storage URI")
+
+
+def test_a_missing_root_is_one_line(tmp_path):
+    run = darkroom("retrain", "--storage", (tmp_path / "nowhere").as_uri(), "--no-pretrained")
+    one_line_error(run, "does not exist", "--storage")
+
+
+def test_an_empty_labeled_folder_is_one_line(tmp_path):
+    (tmp_path / "bucket" / "labeled").mkdir(parents=True)
+    run = darkroom("retrain", "--storage", (tmp_path / "bucket").as_uri(), "--no-pretrained")
+    one_line_error(run, "no images under", "labeled/<class>/")
+
+
+def test_an_unknown_config_field_is_one_line(tmp_path, local_storage):
+    write_digits(local_storage, per_class=5)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochz: 3\n")
+    run = darkroom("retrain", "--storage", local_storage.uri, "--config", str(path))
+    one_line_error(run, "unknown config field 'train.epochz'")
+    path.write_text("train: [1, 2\n")
+    one_line_error(darkroom("retrain", "--config", str(path)), "cannot parse")
+
+
+def test_unreachable_pretrained_weights_stop_at_once_naming_the_ways_out(local_storage):
+    write_digits(local_storage, per_class=5)
+    # A hub address nothing answers on, and an empty cache: the weights cannot be had.
+    env = {"HF_ENDPOINT": "https://127.0.0.1:9", "HF_HOME": str(local_storage.root / "hf")}
+    run = darkroom("retrain", "--storage", local_storage.uri, "--backbone", "resnet18", env=env)
+    one_line_error(run, "--pretrained-file", "--no-pretrained", "resnet18")
+
+
+@pytest.mark.parametrize("command", ["retrain", "score", "status"])
+def test_errors_exit_1_for_every_command(command):
+    one_line_error(darkroom(command, "--storage", "gopher://x"), "unsupported storage URI")
