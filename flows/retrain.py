@@ -10,29 +10,40 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from darkroom import registry
-from darkroom.config import RetrainConfig
+from darkroom import lease, registry
+from darkroom.config import RETRAIN_TIMEOUT_SECONDS, RetrainConfig
 from darkroom.index import DatasetError, IndexResult
 from darkroom.promotion import METRICS_SHOWN
 from darkroom.storage import open_storage
 from darkroom.train import FoldSummary
 from tasks.common import run_name, visible_gpus
-from tasks.index import rebuild_index
+from tasks.index import data_changes, rebuild_index
 from tasks.promotion import evaluate_candidate, promote_candidate
-from tasks.reporting import publish_retrain
+from tasks.reporting import publish_data_changes, publish_retrain
 from tasks.sync import sync_labeled
 from tasks.train import check_pretrained, finalize_candidate, train_fold
 
 
-@flow(name="nightly-retrain", flow_run_name=run_name("retrain"), log_prints=True)
-def nightly_retrain(config: RetrainConfig | None = None) -> dict:
+@flow(
+    name="nightly-retrain",
+    flow_run_name=run_name("retrain"),
+    log_prints=True,
+    timeout_seconds=RETRAIN_TIMEOUT_SECONDS,
+)
+def nightly_retrain(config: RetrainConfig = RetrainConfig()) -> dict:
     """Retrains on the current labeled data and promotes the result only if it beats the
-    champion on the same holdout."""
-    config = config or RetrainConfig()
+    champion on the same holdout. One retrain per storage root at a time (a lease)."""
+    with lease.held(open_storage(config.storage), "retrain", config.lease_seconds):
+        return _retrain(config)
+
+
+def _retrain(config: RetrainConfig) -> dict:
     check_pretrained(config)
     synced = sync_labeled(config)
     index = rebuild_index(config, _run_label())
-    result = {"sync": asdict(synced), "index": asdict(index)}
+    changes = data_changes(config, index.snapshot)
+    publish_data_changes(changes)
+    result = {"sync": asdict(synced), "index": asdict(index), "changes": changes.total}
     version = candidate_version(config, index)
     if version is None:
         return {**result, "skipped": True, "version": _version_of(config, index)}
@@ -88,13 +99,14 @@ def train_folds(config: RetrainConfig, snapshot: str, version: str) -> list[Fold
     """Every fold, then the refit when ``final_model="refit"`` (fold number K: every train
     row, no validation). With several GPUs the folds run at once, one per GPU."""
     k = config.train.folds
+    train = train_fold.with_options(timeout_seconds=config.fold_timeout_seconds)
     if visible_gpus(config.device) > 1:  # one fold per GPU at a time: the darkroom-gpu limit
-        futures = [train_fold.submit(config, snapshot, version, f) for f in range(k)]
+        futures = [train.submit(config, snapshot, version, f) for f in range(k)]
         folds = [f.result() for f in futures]
     else:
-        folds = [train_fold(config, snapshot, version, f) for f in range(k)]
+        folds = [train(config, snapshot, version, f) for f in range(k)]
     if config.train.final_model == "refit":
-        train_fold(config, snapshot, version, k)
+        train(config, snapshot, version, k)
     return folds
 
 

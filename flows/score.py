@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from darkroom import layout, registry
-from darkroom.config import ScoreConfig
+from darkroom import layout, lease, registry
+from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
 from darkroom.scoring import ChunkResult, ScorePlan, chunk_id
 from darkroom.storage import open_storage
 from tasks.common import run_name
@@ -18,12 +18,21 @@ class NoChampion(RuntimeError):
     pass
 
 
-@flow(name="score-new-images", flow_run_name=run_name("score"), log_prints=True)
-def score_new_images(config: ScoreConfig | None = None, rescore: bool = False) -> dict:
+@flow(
+    name="score-new-images",
+    flow_run_name=run_name("score"),
+    log_prints=True,
+    timeout_seconds=SCORE_TIMEOUT_SECONDS,
+)
+def score_new_images(config: ScoreConfig = ScoreConfig(), rescore: bool = False) -> dict:
     """Scores the incoming images no model has scored yet; with ``rescore``, every image the
     current champion has not scored (older versions' predictions stay)."""
-    config = config or ScoreConfig()
     storage = open_storage(config.storage)
+    with lease.held(storage, "score", config.lease_seconds):
+        return _score(storage, config, rescore)
+
+
+def _score(storage, config: ScoreConfig, rescore: bool) -> dict:
     champion, _ = registry.read_champion(storage)
     if champion is None:
         raise NoChampion(f"no champion at {storage.url(layout.CHAMPION)}: run a retrain first")
@@ -37,7 +46,8 @@ def score_new_images(config: ScoreConfig | None = None, rescore: bool = False) -
         plan.to_score,
         len(plan.chunks),
     )
-    futures = [score_chunk.submit(config, version, chunk_id(c), c) for c in plan.chunks]
+    score = score_chunk.with_options(timeout_seconds=config.chunk_timeout_seconds)
+    futures = [score.submit(config, version, chunk_id(c), c) for c in plan.chunks]
     summary = summarize_run(version, plan, [f.result() for f in futures])
     publish_scoring(summary)
     return summary

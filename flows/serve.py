@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,10 +32,20 @@ def load_spec(path: Path = PREFECT_YAML) -> dict:
 
 
 def load_flow(entrypoint: str):
-    """``flows/retrain.py:nightly_retrain`` -> the flow object (imported as ``flows.retrain``)."""
-    path, func = entrypoint.split(":")
-    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-    return getattr(module, func)
+    """The flow an entrypoint names: a module path (``flows.retrain.nightly_retrain``, what
+    prefect.yaml uses) or a file relative to the checkout (``flows/retrain.py:nightly_retrain``,
+    imported as the module ``flows.retrain`` all the same, so both give the same flow object)."""
+    from prefect import Flow
+
+    if ":" in entrypoint:
+        path, func = entrypoint.rsplit(":", 1)
+        module = path.removesuffix(".py").replace("/", ".")
+    else:
+        module, func = entrypoint.rsplit(".", 1)
+    flow = getattr(importlib.import_module(module), func)
+    if not isinstance(flow, Flow):
+        raise TypeError(f"{entrypoint} is not a Prefect flow")
+    return flow
 
 
 def deployment_args(
@@ -164,7 +175,25 @@ def _find_or_start_server(port: int) -> tuple[str, str, subprocess.Popen | None]
 
 def _stop_on_sigterm(signum, frame):
     # Containers, systemd and Kubernetes stop a service with SIGTERM: the same path as Ctrl-C.
+    # (Prefect's runner installs its own handler once it runs: it pauses the deployments and
+    # exits 0, which ends up in the same place.)
     raise KeyboardInterrupt
+
+
+def _watch_server(server: subprocess.Popen, died: threading.Event, grace: float = 20) -> None:
+    """Stops darkroom serve when the Prefect server it started dies, so that a supervisor
+    restarts both: SIGTERM to this process, and a hard exit if that has not ended it."""
+    while server.poll() is None:
+        time.sleep(1)
+    died.set()
+    print(
+        f"the Prefect server (pid {server.pid}) exited with code {server.returncode}: "
+        "stopping darkroom serve",
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(1)
 
 
 def _serve_deployments(api_url: str, ui_url: str, started: bool, **overrides) -> None:
@@ -207,11 +236,14 @@ def serve(
     os.environ["DARKROOM_STORAGE"] = open_storage(storage or default_storage_uri()).uri
     if cache_dir:
         os.environ["DARKROOM_CACHE"] = str(Path(cache_dir).expanduser().resolve())
-    os.chdir(ROOT)  # the entrypoints in prefect.yaml (flows/*.py) are relative to the checkout
+    os.chdir(ROOT)  # deployments/prefect.yaml and the served flows' source paths resolve here
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     api_url, ui_url, server = _find_or_start_server(port)
     os.environ["PREFECT_API_URL"] = api_url
+    died = threading.Event()
+    if server is not None:
+        threading.Thread(target=_watch_server, args=(server, died), daemon=True).start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             _serve_deployments(
@@ -222,13 +254,13 @@ def serve(
                 watch_every=watch_every,
                 demo=demo,
             )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        if server is not None:
+        if server is not None and not died.is_set():
             print("stopping the Prefect server", flush=True)
             stop_process_group(server)
-    return 0
+    return 1 if died.is_set() else 0
 
 
 if __name__ == "__main__":

@@ -9,16 +9,21 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
+from darkroom.config import WATCH_TIMEOUT_SECONDS
 from darkroom.storage import open_storage
 from darkroom.watch import WatchConfig, check_incoming
 from tasks.common import run_name
 
 
-@flow(name="watch-incoming", flow_run_name=run_name("watch"), log_prints=True)
-def watch_incoming(config: WatchConfig | None = None) -> dict:
+@flow(
+    name="watch-incoming",
+    flow_run_name=run_name("watch"),
+    log_prints=True,
+    timeout_seconds=WATCH_TIMEOUT_SECONDS,
+)
+def watch_incoming(config: WatchConfig = WatchConfig()) -> dict:
     """Lists incoming/ and emits darkroom.images.arrived with the count of new images, only
     when there are new ones."""
-    config = config or WatchConfig()
     storage = open_storage(config.storage)
     result = check_incoming(storage, emit_event)
     logger = get_run_logger()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
-from darkroom import index
+from darkroom import index, index_diff
 from darkroom.config import RetrainConfig
 from darkroom.storage import open_storage
 from tasks.common import io_task, log_progress
@@ -26,3 +26,19 @@ def rebuild_index(config: RetrainConfig, run_name: str) -> index.IndexResult:
         s.excluded or "none",
     )
     return result
+
+
+@io_task(name="data-changes", retries=2, retry_delay_seconds=10)
+def data_changes(config: RetrainConfig, snapshot: str) -> index_diff.DataChanges:
+    """What changed since the champion's snapshot, per class (a file beside the snapshot)."""
+    changes = index_diff.changes_since_champion(open_storage(config.storage), snapshot)
+    t = changes.total
+    get_run_logger().info(
+        "since %s: %d new, %d removed, %d relabelled, %d replaced images",
+        changes.since or "no champion",
+        t["new"],
+        t["removed"],
+        t["relabelled_in"],
+        t["replaced"],
+    )
+    return changes

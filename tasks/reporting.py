@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from darkroom import layout
+from darkroom.index_diff import DataChanges
 from darkroom.promotion import METRICS_SHOWN, Outcome
 from darkroom.storage import Storage, open_storage
 from darkroom.train import FoldSummary
@@ -40,6 +45,7 @@ def publish_retrain(
         key="promotion-decision",
         description=f"Promotion decision for {outcome.version}",
     )
+    _plot_artifacts(storage, outcome.version)
     shown = lambda m: {k: m[k] for k in METRICS_SHOWN} if m else None  # noqa: E731
     emit_event(
         event=PROMOTED if outcome.promoted else REJECTED,
@@ -52,6 +58,20 @@ def publish_retrain(
             "champion_holdout": shown(outcome.champion_holdout),
         },
     )
+
+
+def _plot_artifacts(storage: Storage, version: str) -> None:
+    """The plots as image artifacts where the browser can fetch them (presigned S3 URLs); a
+    local root keeps them as links in the decision's markdown."""
+    for name in PLOTS:
+        key = layout.version(version, name)
+        url = storage.presigned_url(key) if storage.exists(key) else None
+        if url:  # artifact keys take lowercase letters, digits and dashes only
+            plot = name.removesuffix(".png").replace("_", "-")
+            try:  # a plot for people must never fail a run whose model is already decided
+                create_image_artifact(url, key=f"plot-{plot}", description=f"{name} of {version}")
+            except Exception as e:
+                get_run_logger().warning("could not publish %s as an image artifact: %s", name, e)
 
 
 def _metrics_table(cv: dict, holdout: dict, champion: dict) -> list[str]:
@@ -118,6 +138,17 @@ def decision_markdown(storage: Storage, outcome: Outcome, cv: dict) -> str:
         f"Files: `{base}`",
     ]
     return "\n".join(lines)
+
+
+@task(name="publish-data-changes", cache_policy=NO_CACHE)
+def publish_data_changes(changes: DataChanges) -> None:
+    since = changes.since or "(no champion yet)"
+    create_table_artifact(
+        changes.rows,
+        key="data-changes",
+        description=f"Labeled images per class in {changes.snapshot} against the champion's "
+        f"snapshot {since}: new, removed, relabelled, replaced",
+    )
 
 
 @task(name="publish-scoring", cache_policy=NO_CACHE)

@@ -68,13 +68,15 @@ def cmd_demo_data(a) -> int:
     return 0
 
 
-def _readable(uri: str, labeled: bool = False):
-    """The storage root, checked before a flow starts: a root that cannot be read fails here
-    in one line, not in a task's traceback."""
+def _readable(uri: str, lease_name: str, labeled: bool = False):
+    """The storage root, checked before a flow starts: a root that cannot be read, or a run
+    already going there, fails here in one line rather than in a task's traceback."""
     from darkroom.index import require_labeled
+    from darkroom.lease import check_free
 
     storage = open_storage(uri)
     storage.check()
+    check_free(storage, lease_name)
     if labeled:
         require_labeled(storage)
     return storage
@@ -91,7 +93,7 @@ def _check_pretrained(config: RetrainConfig) -> None:
 )
 def cmd_retrain(a) -> int:
     config = config_from_args(RetrainConfig, a)
-    _readable(config.storage, labeled=True)
+    _readable(config.storage, "retrain", labeled=True)
     _check_pretrained(config)
     result = _flows("retrain").nightly_retrain(config)
     print(json.dumps(brief_retrain(result), indent=2))
@@ -113,7 +115,7 @@ def cmd_retrain(a) -> int:
 )
 def cmd_score(a) -> int:
     config = config_from_args(ScoreConfig, a)
-    _readable(config.storage)
+    _readable(config.storage, "score")
     result = _flows("score").score_new_images(config, rescore=a.rescore)
     print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
     return 0

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from darkroom.storage import Storage, default_storage_uri
+from darkroom.storage import Storage
 
 
 class TrainConfig(BaseModel):
@@ -31,14 +31,14 @@ class TrainConfig(BaseModel):
         "storage URI (s3://..., file://...), loaded by timm; a head of another size is "
         "re-initialised.",
     )
-    image_size: int = Field(224, ge=8, le=2048)
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    lr_min: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    image_size: int = Field(224, ge=8, le=2048, description="Square input size in pixels.")
+    batch_size: int = Field(32, ge=1, description="Training images per batch.")
+    epochs: int = Field(5, ge=1, description="Passes over each fold's training rows.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (cosine from here to lr_min).")
+    lr_min: float = Field(1e-5, ge=0, description="Learning rate at the end of the cosine.")
+    weight_decay: float = Field(0.0, ge=0, description="The optimizer's weight decay.")
     folds: int = Field(5, ge=2, description="Stratified K-fold splits of the train rows.")
-    seed: int = 42
+    seed: int = Field(42, description="Seeds every RNG and the fold assignment.")
     augment: Literal["soft", "no-flip", "none"] = Field(
         "soft",
         description="soft: rotate 45, h-flip, one 64 px hole; no-flip: the same without the "
@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
         description="Stop after this many epochs without a lower validation loss "
         "(0: never stop early). The best epoch's weights are kept either way.",
     )
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     class_weights: Literal["none", "balanced"] = Field(
         "none",
         description="balanced: weight the loss by n_images / (n_classes * class count) "
@@ -133,7 +133,11 @@ class RuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    storage: str = Field(default_factory=default_storage_uri, description="file://... or s3://...")
+    storage: str | None = Field(
+        None,
+        description="Storage root: file://PATH or s3://BUCKET/PREFIX. Empty: $DARKROOM_STORAGE "
+        "where the run executes, else file://./data/bucket.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Local cache of synced images (default: $DARKROOM_CACHE or "
@@ -141,7 +145,19 @@ class RuntimeConfig(BaseModel):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    download_concurrency: int = Field(16, ge=1)
+    download_concurrency: int = Field(16, ge=1, description="Parallel downloads from storage.")
+    lease_seconds: int = Field(
+        300,
+        ge=10,
+        description="A run holds a lease on the storage root (renewed every third of this), so "
+        "a second retrain or scoring run there stops; a killed run's lease expires after this.",
+    )
+    max_image_pixels: int = Field(
+        178_956_970,
+        ge=1,
+        description="Images with more pixels (read from the header, before decoding) are "
+        "quarantined (index) or rejected (scoring); Pillow's decompression-bomb limit.",
+    )
 
     def cache_path(self, storage: Storage) -> Path:
         """The local cache of ``storage``'s images: ``cache_dir``, else one folder per root
@@ -152,11 +168,26 @@ class RuntimeConfig(BaseModel):
         return base / hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
 
 
+# Whole-run limits (Prefect sets a flow's timeout where the flow is defined, not per run);
+# the per-task limits are config fields below.
+RETRAIN_TIMEOUT_SECONDS = 24 * 3600
+SCORE_TIMEOUT_SECONDS = 12 * 3600
+WATCH_TIMEOUT_SECONDS = 15 * 60
+
+
 class RetrainConfig(RuntimeConfig):
     """Parameters of the ``nightly_retrain`` flow."""
 
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    holdout_fraction: float = Field(0.1, gt=0, lt=0.5)
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="How the model is trained (the recipe)."
+    )
+    holdout_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Share of labeled images held out for the gate (by content hash: an "
+        "image never changes side).",
+    )
     force: bool = Field(False, description="Train even if data and config did not change.")
     min_delta: float = Field(
         0.0,
@@ -172,15 +203,51 @@ class RetrainConfig(RuntimeConfig):
         description="Reject a challenger if any class's holdout recall falls "
         "by more than this versus the champion.",
     )
+    min_metric: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The first champion must reach at least this primary metric on the holdout.",
+    )
+    baseline_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="The first champion must beat the majority-class baseline's primary "
+        "metric on the holdout by at least this.",
+    )
+    max_p_value: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="A challenger must beat the champion significantly: the exact McNemar "
+        "test on the paired holdout predictions must give a p-value below this (1: off).",
+    )
+    max_failed_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of labeled objects allowed to fail to download before the retrain "
+        "stops (0: every object or nothing).",
+    )
+    fold_timeout_seconds: int = Field(
+        6 * 3600,
+        ge=60,
+        description="A fold still training after this long fails; its retry resumes from the "
+        "last checkpoint.",
+    )
 
 
 class ScoreConfig(RuntimeConfig):
     """Parameters of the ``score_new_images`` flow."""
 
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Images per forward pass.")
     chunk_size: int = Field(512, ge=1, description="Images per scoring task (one file each).")
-    topk: int = Field(5, ge=1)
+    topk: int = Field(5, ge=1, description="Top classes (labels and probabilities) per row.")
     tta: bool = Field(False, description="Average the image and its horizontal flip.")
     low_confidence: float = Field(
         0.5, ge=0, le=1, description="Rows whose top probability is below this are flagged."
+    )
+    chunk_timeout_seconds: int = Field(
+        1800, ge=10, description="A scoring chunk still running after this long fails (retried)."
     )

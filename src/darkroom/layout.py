@@ -27,6 +27,16 @@ def index_snapshot(snapshot: str) -> str:
     return f"{INDEX}{snapshot}.parquet"
 
 
+def lease(name: str) -> str:
+    """The lease that keeps a second ``name`` run (retrain, score) off the same root."""
+    return f"leases/{name}.json"
+
+
+def index_changes(snapshot: str) -> str:
+    """What changed in the data since the champion's snapshot, beside the snapshot."""
+    return f"{INDEX}{snapshot}.changes.json"
+
+
 def version(version: str, name: str = "") -> str:
     """``models/<version>/<name>``; the folder itself without ``name``."""
     return f"{MODELS}{version}/{name}"

@@ -130,6 +130,11 @@ class S3Storage(Storage):
                 return None
             raise self.storage_error(e, f"read {key}") from e
 
+    def presigned_url(self, key: str, expires: int = 7 * 24 * 3600) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
+        )
+
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 

@@ -145,6 +145,11 @@ class Storage:
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
 
+    def presigned_url(self, key: str, expires: int = 7 * 24 * 3600) -> str | None:
+        """An https URL a browser can open for ``expires`` seconds (None: the backend has no
+        such thing; a local folder is only a file:// path on its own machine)."""
+        return None
+
     # Convenience on top of the primitives.
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from darkroom import layout, registry
 from darkroom.scoring import scored_pairs
-from darkroom.storage import Storage, default_storage_uri
+from darkroom.storage import Storage
 from darkroom.sync import is_image_key
 
 ARRIVED = "darkroom.images.arrived"
@@ -26,7 +26,11 @@ class WatchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    storage: str = Field(default_factory=default_storage_uri, description="file://... or s3://...")
+    storage: str | None = Field(
+        None,
+        description="Storage root: file://PATH or s3://BUCKET/PREFIX. Empty: $DARKROOM_STORAGE "
+        "where the run executes, else file://./data/bucket.",
+    )
 
 
 def resource_id(storage: Storage) -> str:

@@ -1,23 +1,33 @@
 """deployments/prefect.yaml, checked by loading it and the flows it names: entrypoints,
-schedules, triggers, concurrency limits and parameters (validated against each flow's
-signature). Also: `darkroom serve` builds exactly these deployments from the same file."""
+pull steps, schedules, triggers, concurrency limits and parameters (validated against each
+flow's signature). Also: `darkroom serve` builds exactly these deployments from the same file,
+and deployments/automations.yaml holds valid Prefect automations."""
 
 from __future__ import annotations
 
+import io
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes
+from prefect.events.schemas.automations import AutomationCore, EventTrigger
 from prefect.events.schemas.events import Resource
 from prefect.flows import load_flow_from_entrypoint
 from pydantic import TypeAdapter
+from rich.console import Console
 
 from darkroom.config import RetrainConfig, ScoreConfig, TrainConfig
 from darkroom.storage import LocalStorage
 from darkroom.watch import ARRIVED, WatchConfig, resource_id
-from flows.serve import PREFECT_YAML, ROOT, build_deployments, load_spec
+from flows.serve import PREFECT_YAML, ROOT, build_deployments, load_flow, load_spec
+from tasks.reporting import REJECTED
+from tests.deploy.automations import AUTOMATIONS_YAML, automations, with_notifications
 
 SPEC = load_spec()
 BY_NAME = {d["name"]: d for d in SPEC["deployments"]}
@@ -25,9 +35,8 @@ DEFS = SPEC["definitions"]
 
 
 def flow_of(name: str):
-    path, func = BY_NAME[name]["entrypoint"].split(":")
-    assert (ROOT / path).is_file()  # entrypoints are relative to the repository root
-    return load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+    """The flow, loaded the way `prefect deploy` and a worker load it."""
+    return load_flow_from_entrypoint(BY_NAME[name]["entrypoint"])
 
 
 def validated(name: str) -> dict:
@@ -52,6 +61,57 @@ def test_three_deployments_of_the_three_flows():
     assert set(BY_NAME) == {"nightly-retrain", "score-new-images", "watch-incoming"}
     for name in BY_NAME:  # each deployment is named after its flow
         assert flow_of(name).name == name
+
+
+def test_entrypoints_are_modules_of_the_installed_package_and_nothing_is_pulled():
+    """A worker anywhere runs them: no file path, no working directory, no variable."""
+    for name, d in BY_NAME.items():
+        module, func = d["entrypoint"].rsplit(".", 1)
+        assert ":" not in d["entrypoint"] and module.startswith("flows.")
+        assert flow_of(name) is load_flow(d["entrypoint"])
+        assert "pull" not in d  # the top-level `pull: []` applies to all
+    assert SPEC["pull"] == []  # absent would record the deploying folder as a pull step
+    assert "{{ $" not in PREFECT_YAML.read_text()  # no environment variable to set
+    assert "DARKROOM_HOME" not in PREFECT_YAML.read_text()
+
+
+def test_prefect_deploy_reads_the_file_as_written():
+    """What `prefect deploy --all` loads (Prefect warns and skips an invalid file)."""
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions
+
+    out = io.StringIO()
+    configs, actions = _load_deploy_configs_and_actions(PREFECT_YAML, console=Console(file=out))
+    assert out.getvalue() == ""
+    assert [c["entrypoint"] for c in configs] == [d["entrypoint"] for d in SPEC["deployments"]]
+    assert actions["pull"] == []  # an explicit "no pull steps", not "generate a default one"
+
+
+def test_the_entrypoints_import_from_any_directory(tmp_path):
+    """In a fresh folder without PYTHONPATH, as a process worker starts a flow run."""
+    code = (
+        "import sys\n"
+        "from prefect.flows import load_flow_from_entrypoint\n"
+        "print(*[load_flow_from_entrypoint(e).name for e in sys.argv[1:]])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DARKROOM_HOME")}
+    entrypoints = [d["entrypoint"] for d in SPEC["deployments"]]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *entrypoints],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [d["name"] for d in SPEC["deployments"]]
+
+
+def test_serve_loads_module_and_file_entrypoints_alike():
+    flow = load_flow("flows.retrain.nightly_retrain")
+    assert flow is load_flow("flows/retrain.py:nightly_retrain") and flow.name == "nightly-retrain"
+    with pytest.raises(TypeError, match="not a Prefect flow"):
+        load_flow("flows.retrain.candidate_version")
 
 
 def test_nightly_retrain_runs_at_two_in_the_configured_timezone_and_never_overlaps():
@@ -120,7 +180,8 @@ def test_watch_incoming_runs_every_few_minutes():
         ],
         WatchConfig,
     )
-    assert validated("watch-incoming") == {"config": None}  # storage: DARKROOM_STORAGE
+    # No storage here: the flow's default config, which reads DARKROOM_STORAGE on the worker.
+    assert validated("watch-incoming")["config"] in (None, WatchConfig())
 
 
 @pytest.mark.parametrize(
@@ -147,3 +208,52 @@ def test_darkroom_serve_builds_the_same_deployments(overrides):
             served["nightly-retrain"].parameters
         )["config"]
         assert config.train.image_size == 32 and not config.train.pretrained
+
+
+# ---- deployments/automations.yaml ---------------------------------------------------------------
+
+
+def test_automations_validate_as_prefect_creates_them():
+    """`prefect automation create --from-file` validates each one with AutomationCore."""
+    by_name = {a.name: a for a in map(AutomationCore.model_validate, automations())}
+    assert set(by_name) == {"darkroom-nightly-retrain-failed", "darkroom-model-rejected"}
+    for a in by_name.values():
+        assert a.enabled and isinstance(a.trigger, EventTrigger)
+        assert a.trigger.posture == "Reactive" and a.trigger.threshold == 1
+        assert [act.type for act in a.actions] == ["do-nothing"]  # until a block is set up
+    assert "DARKROOM_HOME" not in AUTOMATIONS_YAML.read_text()
+
+
+def test_the_failure_automation_matches_failed_and_crashed_nightly_runs_only():
+    trigger = AutomationCore.model_validate(automations()[0]).trigger
+    assert trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    run = Resource({"prefect.resource.id": f"prefect.flow-run.{uuid4()}"})
+    assert trigger.match.matches(run)
+
+    def related(name: str):
+        return Resource(
+            {
+                "prefect.resource.id": f"prefect.deployment.{uuid4()}",
+                "prefect.resource.role": "deployment",
+                "prefect.resource.name": name,
+            }
+        )
+
+    assert trigger.match_related.matches(related("nightly-retrain"))
+    assert not trigger.match_related.matches(related("score-new-images"))
+
+
+def test_the_rejection_automation_matches_what_a_retrain_emits():
+    trigger = AutomationCore.model_validate(automations()[1]).trigger
+    assert trigger.expect == {REJECTED}
+    for uri in ("s3://bucket/prod", LocalStorage("/tmp/x").uri):
+        storage = type("S", (), {"uri": uri})()
+        assert trigger.match.matches(Resource({"prefect.resource.id": resource_id(storage)}))
+
+
+def test_the_documented_notification_action_is_valid():
+    block = uuid4()
+    for a in map(AutomationCore.model_validate, with_notifications(block)):
+        (action,) = a.actions
+        assert action.type == "send-notification" and action.block_document_id == block
+        assert "{{ event.event }}" in action.body and "{{ automation.name }}" in action.subject

@@ -135,7 +135,7 @@ class Service:
     def prefect(self, *args: str, timeout: float = 120, check: bool = True):
         """The prefect CLI against this server (what an operator types)."""
         prefect = str(Path(sys.executable).with_name("prefect"))
-        env = {**self.env, "PREFECT_API_URL": self.api, "DARKROOM_HOME": str(ROOT)}
+        env = {**self.env, "PREFECT_API_URL": self.api}
         out = subprocess.run(
             [prefect, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )

@@ -85,7 +85,14 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     api = PREFECT_API_URL.value()
     found = httpx.post(f"{api}/artifacts/filter", json={"limit": 200}).raise_for_status().json()
     keys = {a["key"] for a in found}
-    assert {"fold-metrics", "promotion-decision", "scoring-summary"} <= keys
+    assert {"fold-metrics", "promotion-decision", "scoring-summary", "data-changes"} <= keys
+    # What changed since the champion's snapshot: the rerun saw the same data (the first run,
+    # with no champion yet, counted all 72 as new).
+    snapshot = result["index"]["snapshot"]
+    changes = local_storage.read_json(f"index/{snapshot}.changes.json")
+    assert changes["since"] == snapshot and rerun["changes"]["new"] == 0
+    assert result["changes"]["new"] == result["sync"]["listed"] == 72
+    assert sum(c["images"] for c in changes["classes"]) == result["index"]["summary"]["usable"]
 
 
 def test_a_changed_config_trains_a_challenger_that_must_beat_the_champion(local_storage, cache_dir):

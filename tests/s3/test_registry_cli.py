@@ -65,13 +65,13 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
         ["rollback", a],
     ]
     code, out = run(capsys, "rollback", *common)  # nothing before the first champion
-    assert code == 2 and "nothing to roll back to" in out
+    assert code == 1 and "nothing to roll back to" in out
 
     # a tampered model is refused, even with --force, and the pointer does not move
     key = layout.version(b, "model.safetensors")
     storage.write_bytes(key, storage.read_bytes(key)[:-4] + b"\0\0\0\0")
     code, out = run(capsys, "promote", b, *common, "--force")
-    assert code == 2 and "sha256" in out
+    assert code == 1 and "sha256" in out
     assert registry.read_champion(storage)[0]["version"] == a
     assert len(registry.history(storage)) == 3
 

@@ -226,3 +226,14 @@ def test_promotion_against_deleted_pointer_is_lost_not_a_crash(s3_env):
     with pytest.raises(registry.PromotionLost):
         registry.promote(storage, "v2", expected_etag=etag, action="promote", reason="better")
     assert not storage.exists("models/champion.json")
+
+
+def test_a_presigned_url_serves_the_object_to_a_plain_http_client(s3_env):
+    import httpx
+
+    storage = open_storage(s3_env["uri"])
+    storage.write_bytes("models/v1/curves.png", b"\x89PNG plot bytes")
+    url = storage.presigned_url("models/v1/curves.png", expires=60)
+    assert url.startswith(s3_env["endpoint"]) and "Signature" in url
+    assert httpx.get(url, timeout=10).content == b"\x89PNG plot bytes"
+    assert open_storage("file:///tmp").presigned_url("x.png") is None  # local: links only

@@ -22,15 +22,84 @@ DOCKERFILE = INFRA / "Dockerfile"
 DOCKERIGNORE = INFRA / "Dockerfile.dockerignore"
 JOB_TEMPLATE = INFRA / "k8s" / "base-job-template.json"
 SECRET = INFRA / "k8s" / "secret-example.yaml"
+ENV_EXAMPLE = INFRA / ".env.example"
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 
-# `${VAR}` or `${VAR:-default}` / `${VAR-default}`: the value comes from the environment.
-INTERPOLATION = re.compile(r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
-SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY")
+# `${VAR}`, `${VAR:-default}` / `${VAR-default}` (a default) or `${VAR:?message}` /
+# `${VAR?message}` (required: compose stops with the message): the value comes from the
+# environment or infra/.env.
+INTERPOLATION = re.compile(
+    r"\$\{(?P<var>[A-Za-z_][A-Za-z0-9_]*)"
+    r"(?:(?P<op>:?-)(?P<default>[^}]*)|(?P<required>:?\?)(?P<message>[^}]*))?\}"
+)
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|AUTH")
+# Keys whose value is a secret in itself (an access key id is not): no default in the files.
+SECRET_VALUE = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING")
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+# A version tag: `16.15-bookworm`, `3.8.8-python3.11`, `RELEASE.2025-09-07T16-13-09Z`.
+VERSION_TAG = re.compile(r"\d+\.\d+|RELEASE\.\d{4}-\d{2}-\d{2}T")
 
 
 def load_yaml(path):
     return yaml.safe_load(path.read_text())
+
+
+def load_secrets():
+    """The example Secrets by name (secret-example.yaml holds several YAML documents)."""
+    docs = [d for d in yaml.safe_load_all(SECRET.read_text()) if d]
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def command_text(service):
+    command = service.get("command") or []
+    return command if isinstance(command, str) else " ".join(map(str, command))
+
+
+def depends_on(service):
+    deps = service.get("depends_on") or {}
+    return {d: {"condition": "service_started"} for d in deps} if isinstance(deps, list) else deps
+
+
+def image_tag(image):
+    """The tag of `[registry[:port]/]name[:tag][@digest]`, or None when it has none."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+def pyproject_version():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def pinned_version(package):
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep and name.strip().lower() == package:
+            return version.strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+def strings(node):
+    """Every string in a parsed YAML document (comments are gone by then)."""
+    if isinstance(node, dict):
+        return [s for key, value in node.items() for s in strings(key) + strings(value)]
+    if isinstance(node, list):
+        return [s for item in node for s in strings(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def deployment_pools():
+    return {d["work_pool"]["name"] for d in load_yaml(PREFECT_YAML)["deployments"]}
+
+
+def api_clients(services):
+    """Services that talk to the Prefect API: the CLI or a worker, not the server itself."""
+    return {
+        name: s
+        for name, s in services.items()
+        if name != "prefect-server"
+        and ("PREFECT_API_URL" in environment(s) or re.search(r"\bprefect\b", command_text(s)))
+    }
 
 
 def environment(service):
@@ -80,7 +149,9 @@ def dockerfile():
 
 
 def test_compose_defines_the_stack(services):
-    assert {"postgres", "prefect-server", "minio", "minio-setup", "worker"} <= set(services)
+    assert {"postgres", "prefect-server", "minio", "minio-setup", "deploy", "worker"} <= set(
+        services
+    )
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["prefect-server"]["image"].startswith("prefecthq/prefect:")
     assert "4200:4200" in " ".join(map(str, services["prefect-server"]["ports"]))
@@ -153,10 +224,15 @@ def test_no_hardcoded_secrets(services):
     for name, service in services.items():
         for key, value in environment(service).items():
             if SECRET_KEY.search(key):
-                assert interpolated(value), f"{name}.{key} must come from ${{VAR:-default}}"
+                assert interpolated(value), f"{name}.{key} must come from ${{VAR...}}"
+            if SECRET_VALUE.search(key):
+                # A default would be a secret written in the file: required from infra/.env.
+                assert interpolated(value)["required"], f"{name}.{key} must be ${{VAR:?...}}"
             credentials = url_credentials(value)
             if credentials:
-                assert interpolated(credentials[1]), f"{name}.{key}: password inline in URL"
+                password = interpolated(credentials[1])
+                assert password, f"{name}.{key}: password inline in URL"
+                assert password["required"], f"{name}.{key}: password with a default in URL"
 
 
 def test_credentials_agree_across_services(services):
@@ -169,8 +245,13 @@ def test_credentials_agree_across_services(services):
     postgres = environment(services["postgres"])
     db = environment(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert url_credentials(db) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
-    # MinIO refuses to start with a root password shorter than 8 characters.
-    assert len(interpolated(minio["MINIO_ROOT_PASSWORD"])["default"] or "") >= 8
+    # MinIO refuses to start with a root password shorter than 8 characters: a default must be
+    # long enough, a required value is documented in .env.example.
+    password = interpolated(minio["MINIO_ROOT_PASSWORD"])
+    if password["required"]:
+        assert "8 characters" in ENV_EXAMPLE.read_text()
+    else:
+        assert len(password["default"] or "") >= 8
 
 
 def test_gpu_override_reserves_nvidia_for_the_gpu_worker_only(services):
@@ -183,16 +264,95 @@ def test_gpu_override_reserves_nvidia_for_the_gpu_worker_only(services):
 
 
 def test_a_worker_polls_every_pool_the_deployments_use(services):
-    import yaml
-
-    deployments = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    pools = {d["work_pool"]["name"] for d in deployments["deployments"]}
+    pools = deployment_pools()
     polled = {
         s["command"][s["command"].index("--pool") + 1]
         for s in services.values()
         if "worker" in s.get("command", [])
     }
     assert pools <= polled
+
+
+def test_prefect_server_requires_the_auth_string(services):
+    env = environment(services["prefect-server"])
+    auth = interpolated(env.get("PREFECT_SERVER_API_AUTH_STRING"))
+    assert auth and auth["required"], "the server must take its auth string from infra/.env"
+    # The healthcheck stays credential-free: /api/health is the route auth leaves open.
+    assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+
+
+def test_every_api_client_sends_the_servers_auth_string(services):
+    server = environment(services["prefect-server"])["PREFECT_SERVER_API_AUTH_STRING"]
+    clients = api_clients(services)
+    assert {"deploy", "worker", "gpu-worker"} <= set(clients)
+    for name, service in clients.items():
+        env = environment(service)
+        assert urlsplit(env.get("PREFECT_API_URL")).hostname == "prefect-server", name
+        auth = env.get("PREFECT_API_AUTH_STRING")
+        # The same `${VAR:?...}` as the server: one value in infra/.env, never a literal.
+        assert interpolated(auth) and auth == server, f"{name}: PREFECT_API_AUTH_STRING"
+
+
+def test_env_example_documents_every_variable_without_secrets(compose):
+    documented = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            documented[key.strip()] = value.strip()
+    used = {m["var"] for s in strings(compose) for m in INTERPOLATION.finditer(s.replace("$$", ""))}
+    assert used and used <= set(documented), f"undocumented: {sorted(used - set(documented))}"
+    for key, value in documented.items():
+        if SECRET_VALUE.search(key):
+            assert value == "", f".env.example must not hold a value for {key}"
+    # The filled-in copy never reaches git or a build context.
+    assert ".env" in (INFRA / ".gitignore").read_text().split()
+    assert "**/.env" in DOCKERIGNORE.read_text().split()
+
+
+def test_deploy_service_registers_everything_once_the_server_is_healthy(services):
+    deploy = services["deploy"]
+    assert depends_on(deploy)["prefect-server"]["condition"] == "service_healthy"
+    assert deploy.get("restart", "no") == "no", "deploy is one-shot"
+    assert deploy["image"] == services["worker"]["image"], "deploy imports the flows: same image"
+    script = command_text(deploy)
+    # Each pool the deployments use, created as a process pool before `prefect deploy`.
+    created = set(re.findall(r"work-pool create (\S+) --type process", script))
+    assert deployment_pools() <= created
+    deploy_lines = [line for line in script.splitlines() if re.search(r"\bdeploy\b", line)]
+    deploy_line = next(line for line in deploy_lines if "prefect" in line and "--all" in line)
+    assert script.index("work-pool create") < script.index(deploy_line)
+    argv = shlex.split(deploy_line)
+    prefect_file = argv[argv.index("--prefect-file") + 1]
+    # Relative to the image's WORKDIR, which holds a copy of deployments/.
+    assert prefect_file == "deployments/prefect.yaml" and (ROOT / prefect_file).is_file()
+    # A failing step must fail the service (`sh -e`), so that the workers do not start.
+    shell_flags = [a for a in deploy["command"][1:-1] if re.fullmatch(r"-[a-z]+", a)]
+    assert "e" in "".join(shell_flags), deploy["command"][:-1]
+
+
+def test_workers_start_after_the_deploy_service_completed(services):
+    workers = {n: s for n, s in services.items() if "prefect worker start" in command_text(s)}
+    assert {"worker", "gpu-worker"} <= set(workers)
+    for name, worker in workers.items():
+        assert depends_on(worker)["deploy"]["condition"] == "service_completed_successfully", name
+
+
+def test_no_pythonpath_or_working_directory_convention(services):
+    # Flows and tasks are installed with darkroom and the entrypoints are module paths, so
+    # nothing depends on sys.path tricks or on the directory a flow run starts in.
+    for name, service in services.items():
+        assert "PYTHONPATH" not in environment(service), name
+        assert "working_dir" not in service, name
+    for name, service in load_yaml(COMPOSE_GPU)["services"].items():
+        assert "PYTHONPATH" not in environment(service) and "working_dir" not in service, name
+    prefect_yaml = load_yaml(PREFECT_YAML)
+    steps = [s for d in [prefect_yaml, *prefect_yaml["deployments"]] for s in d.get("pull") or []]
+    assert not [s for s in steps if any("set_working_directory" in k for k in s)]
+    for deployment in prefect_yaml["deployments"]:
+        entrypoint = deployment["entrypoint"]
+        assert ":" not in entrypoint and ".py" not in entrypoint, entrypoint
+        module = entrypoint.rsplit(".", 1)[0]
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), entrypoint
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -210,9 +370,12 @@ def test_job_template_has_prefect_shape(template):
     pod = manifest["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     container = job_container(template)
-    # The Kubernetes worker fills in the run's command, image and env on this container.
+    # The Kubernetes worker fills in the run's command and image on this container, and puts
+    # the run's env (`{{ env }}` of job_configuration) before the container's own env list.
     assert container["name"] == "prefect-job"
-    assert (container["args"], container["env"]) == ("{{ command }}", "{{ env }}")
+    assert (container["args"], container["image"]) == ("{{ command }}", "{{ image }}")
+    assert template["job_configuration"]["env"] == "{{ env }}"
+    assert isinstance(container["env"], list)
 
 
 def test_job_template_placeholders_are_declared_variables(template):
@@ -233,21 +396,50 @@ def test_job_template_requests_one_gpu(template):
 
 
 def test_job_env_comes_from_the_example_secret(template):
-    secret = load_yaml(SECRET)
+    secrets = load_secrets()
     names = [ref["secretRef"]["name"] for ref in job_container(template)["envFrom"]]
-    assert names == [secret["metadata"]["name"]] == ["darkroom-s3"]
+    assert names == ["darkroom-s3"] and set(names) <= set(secrets)
+    assert "DARKROOM_STORAGE" in secrets["darkroom-s3"]["stringData"]
 
 
 def test_secret_example_parses_and_holds_placeholders_only():
     text = SECRET.read_text()
-    secret = yaml.safe_load(text)
-    assert (secret["apiVersion"], secret["kind"], secret["type"]) == ("v1", "Secret", "Opaque")
+    secrets = load_secrets()
+    assert set(secrets) == {"darkroom-s3", "darkroom-prefect-auth"}
     assert "EXAMPLE" in text.splitlines()[0]
-    data = secret["stringData"]
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(data)
-    for key, value in data.items():
-        if SECRET_KEY.search(key):
-            assert value == "REPLACE_ME", key
+    for secret in secrets.values():
+        assert (secret["apiVersion"], secret["kind"], secret["type"]) == ("v1", "Secret", "Opaque")
+        for key, value in secret["stringData"].items():
+            if SECRET_KEY.search(key):
+                assert value == "REPLACE_ME", key
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(
+        secrets["darkroom-s3"]["stringData"]
+    )
+    assert set(secrets["darkroom-prefect-auth"]["stringData"]) == {"PREFECT_API_AUTH_STRING"}
+
+
+def test_job_template_takes_the_auth_string_from_a_secret(template):
+    secrets = load_secrets()
+    env = {e["name"]: e for e in job_container(template)["env"]}
+    auth = env["PREFECT_API_AUTH_STRING"]
+    assert "value" not in auth, "a literal auth string in the template"
+    ref = auth["valueFrom"]["secretKeyRef"]
+    assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]]["stringData"]
+    # The worker copies its own settings into every Job as plain values and drops the
+    # template's entry of the same name; a null default drops the worker's copy instead.
+    env_variable = template["variables"]["properties"]["env"]
+    assert env_variable["default"] == {"PREFECT_API_AUTH_STRING": None}
+    assert "PREFECT_API_AUTH_STRING" not in json.dumps(template["job_configuration"]).replace(
+        json.dumps(auth), ""
+    )
+
+
+def test_job_template_runs_flows_like_the_compose_workers(template):
+    container = job_container(template)
+    assert "workingDir" not in container and "command" not in container
+    names = [e["name"] for e in container["env"]]
+    defaults = template["variables"]["properties"]["env"].get("default") or {}
+    assert "PYTHONPATH" not in names and "PYTHONPATH" not in defaults
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -291,7 +483,9 @@ def env_vars(dockerfile):
 
 
 def test_dockerfile_base_and_layout(dockerfile):
-    assert dockerfile[0] == ("FROM", "python:3.11-slim")
+    keyword, base = dockerfile[0]
+    # A Python patch release on a named Debian release, not the floating `3.11-slim`.
+    assert keyword == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
     workdirs = [args for keyword, args in dockerfile if keyword == "WORKDIR"]
     assert workdirs[-1] == "/opt/darkroom"
     env = env_vars(dockerfile)
@@ -350,3 +544,67 @@ def test_dockerignore_keeps_venv_out_but_not_copied_sources(dockerfile):
     assert ignored(".venv") and ignored("data") and ignored(".git")
     sources = [s for k, a in dockerfile if k == "COPY" for s in copy_sources(a)]
     assert not [s for s in sources if ignored(s)]
+
+
+# --- pinned images ----------------------------------------------------------------------------
+
+
+def compose_images():
+    images = {}
+    for path in (COMPOSE, COMPOSE_GPU):
+        for name, service in load_yaml(path)["services"].items():
+            if "image" in service:
+                images[f"{path.name}:{name}"] = service["image"]
+    return images
+
+
+def test_compose_runs_every_service_from_an_image():
+    services = load_yaml(COMPOSE)["services"]
+    assert not [name for name, s in services.items() if "image" not in s]
+
+
+@pytest.mark.parametrize(
+    "where, image",
+    [
+        *compose_images().items(),
+        *(
+            ("Dockerfile", args.split()[-1])
+            for k, args in parse_dockerfile(DOCKERFILE.read_text())
+            if k == "FROM"
+        ),
+        (
+            "base-job-template.json",
+            json.loads(JOB_TEMPLATE.read_text())["variables"]["properties"]["image"]["default"],
+        ),
+    ],
+    ids=lambda value: str(value),
+)
+def test_every_image_has_a_pinned_version_tag(where, image):
+    # A literal tag anyone can read, not `latest`, no tag at all, or a floating major.
+    assert "$" not in image, f"{where}: {image} is interpolated"
+    tag = image_tag(image)
+    assert tag, f"{where}: {image} has no tag"
+    assert "latest" not in tag.lower(), f"{where}: {image}"
+    assert VERSION_TAG.search(tag), f"{where}: {image} is not a version tag"
+
+
+def test_object_store_images_come_from_minios_registry(services):
+    # Docker Hub's minio/* images are gone; quay.io/minio is the registry MinIO documents.
+    for name in ("minio", "minio-setup"):
+        assert services[name]["image"].startswith("quay.io/minio/"), name
+
+
+def test_prefect_server_image_matches_the_pinned_client(services, dockerfile):
+    image = services["prefect-server"]["image"]
+    assert image.startswith("prefecthq/prefect:")
+    base = next(args for keyword, args in dockerfile if keyword == "FROM")
+    python = re.match(r"python:(\d+\.\d+)", base).group(1)
+    assert image_tag(image) == f"{pinned_version('prefect')}-python{python}"
+
+
+def test_darkroom_image_tag_is_the_package_version(services, template):
+    version = pyproject_version()
+    built = {name: s["image"] for name, s in services.items() if "build" in s}
+    assert {"deploy", "worker", "gpu-worker"} <= set(built)
+    assert set(built.values()) == {f"darkroom:{version}"}
+    assert template["variables"]["properties"]["image"]["default"] == f"darkroom:{version}"
