@@ -28,8 +28,8 @@ TINY_RETRAIN = {
         "backbone": "test_resnet",
         "pretrained": False,
         "image_size": 32,
-        "batch_size": 32,
-        "epochs": 2,
+        "batch_size": 4,
+        "epochs": 5,
         "lr": 0.002,
         "lr_min": 0.00001,
         "folds": 2,
@@ -62,6 +62,10 @@ class Service:
             PREFECT_HOME=str(tmp / "prefect-home"),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_RUNNER_POLL_FREQUENCY="1",
+            # The tests start runs by hand; a scheduled run (hourly scoring, the watcher)
+            # arriving in the middle of one would make them flaky. test_workers.py checks the
+            # scheduler on a server of its own.
+            PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
             DARKROOM_CACHE=str(tmp / "cache"),
             PYTHONUNBUFFERED="1",
         )
@@ -160,8 +164,10 @@ class Service:
             time.sleep(1)
         raise TimeoutError(f"flow run {run_id} did not finish:\n{self.tail()}")
 
-    def flow_runs(self, flow_name: str) -> list[dict]:
-        return self.post(
+    def flow_runs(self, flow_name: str, scheduled: bool = False) -> list[dict]:
+        """The flow's runs that started (or, with ``scheduled``, those the server's scheduler
+        created ahead of their cron/interval time, which have not)."""
+        runs = self.post(
             "/flow_runs/filter",
             {
                 "flows": {"name": {"any_": [flow_name]}},
@@ -169,6 +175,7 @@ class Service:
                 "limit": 100,
             },
         )
+        return [r for r in runs if (r["state_type"] == "SCHEDULED") == scheduled]
 
     def retrained(self) -> dict:
         """Once per session: digits under labeled/, then a manual run of the nightly-retrain

@@ -49,7 +49,7 @@ def test_serve_registers_the_three_deployments(service):
 
 def test_a_manual_retrain_shows_its_progress_metrics_and_decision(service):
     run = service.retrained()
-    assert run["name"].startswith("retrain-test_resnet-2folds-2ep-")
+    assert run["name"].startswith("retrain-test_resnet-2folds-5ep-")
     tasks = service.post(
         "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 100}
     )
@@ -63,7 +63,7 @@ def test_a_manual_retrain_shows_its_progress_metrics_and_decision(service):
         by_type.setdefault(a["type"], []).append(a)
     progress = sorted(by_type["progress"], key=lambda a: a["description"])
     assert [a["data"] for a in progress] == [100.0, 100.0]  # each fold's last epoch
-    assert progress[0]["description"].startswith("train-fold-0: fold 1 of 2, epoch 2 of 2")
+    assert progress[0]["description"].startswith("train-fold-0: fold 1 of 2, epoch 5 of 5")
     assert "val accuracy" in progress[0]["description"]
     assert {a["key"] for a in artifacts} >= {"fold-metrics", "promotion-decision"}
     decision = next(a for a in artifacts if a["key"] == "promotion-decision")

@@ -41,9 +41,9 @@ POOLS = ("darkroom-process", "darkroom-gpu")
 TINY_TRAIN = {
     "backbone": "test_resnet",
     "image_size": 32,
-    "epochs": 1,
+    "epochs": 5,  # enough to clear the gate's majority-class baseline
     "folds": 2,
-    "batch_size": 32,
+    "batch_size": 4,
     "lr": 0.002,
     "augment": "none",
     "pretrained": False,
@@ -230,14 +230,14 @@ def test_prefect_deploy_registers_the_three_deployments(deployed):
 def test_workers_in_an_empty_folder_train_score_and_watch(deployed, tmp_path):
     t = time.monotonic()
     storage = LocalStorage(tmp_path / "bucket")
-    truth = write_digits(storage, classes=("0", "1", "2"), per_class=15, incoming=10)
+    truth = write_digits(storage, classes=("0", "1", "2"), per_class=30, incoming=10)
     incoming = {k for k in truth if k.startswith("incoming/")}
     assert len(incoming) == 10
     runtime = {"storage": storage.uri, "device": "cpu", "num_workers": 0}
     retrain = {**runtime, "cache_dir": str(tmp_path / "cache"), "train": TINY_TRAIN}
 
     run = run_to_end(deployed, "nightly-retrain/nightly-retrain", {"config": retrain})
-    assert run["name"].startswith("retrain-test_resnet-2folds-1ep-")
+    assert run["name"].startswith("retrain-test_resnet-2folds-5ep-")
     champion = json.loads(storage.read_text("models/champion.json"))
     t = lap("nightly-retrain on the darkroom-gpu worker", t)
 
@@ -327,3 +327,27 @@ def webhook(received: list[dict]) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def test_the_schedules_create_upcoming_runs(tmp_path):
+    """The nightly cron fires only if the server's scheduler creates its runs ahead of time (with
+    SQLAlchemy 2.1 Prefect 3.8.8's scheduler failed on every loop: pinned below it). A server
+    of its own, scheduler on, no worker: the runs stay scheduled."""
+    service = Workers(tmp_path)
+    service.env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "true"
+    try:
+        service.start()
+        for pool in POOLS:
+            service.prefect("work-pool", "create", pool, "--type", "process")
+        service.prefect("--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML), "--all")
+        deadline = time.monotonic() + 120
+        while not (upcoming := service.flow_runs("nightly-retrain", scheduled=True)):
+            assert time.monotonic() < deadline, (
+                "no scheduled nightly-retrain run\n" + service.tail()
+            )
+            time.sleep(2)
+        assert all(r["expected_start_time"][11:16] == "02:00" for r in upcoming)
+        hourly = service.flow_runs("score-new-images", scheduled=True)
+        assert hourly and all(r["expected_start_time"][14:16] == "00" for r in hourly)
+    finally:
+        service.kill()
