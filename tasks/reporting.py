@@ -74,7 +74,9 @@ def _plot_artifacts(storage: Storage, version: str) -> None:
                 get_run_logger().warning("could not publish %s as an image artifact: %s", name, e)
 
 
-def _metrics_table(cv: dict, holdout: dict, champion: dict) -> list[str]:
+def _metrics_table(cv: dict, outcome: Outcome) -> list[str]:
+    """Every shown metric side by side, then the primary metric's majority-class baseline."""
+    holdout, champion, d = outcome.holdout, outcome.champion_holdout or {}, outcome.decision
     lines = [
         "| metric | CV mean ± std | holdout (challenger) | holdout (champion) |",
         "|---|---|---|---|",
@@ -84,6 +86,7 @@ def _metrics_table(cv: dict, holdout: dict, champion: dict) -> list[str]:
         cvs = f"{c['mean']:.4f} ± {c['std']:.4f}" if c else "-"
         old = f"{champion[m]:.4f}" if m in champion else "-"
         lines.append(f"| {m} | {cvs} | {holdout[m]:.4f} | {old} |")
+    lines.append(f"| {d.metric}: majority-class baseline | - | {d.baseline:.4f} | - |")
     return lines
 
 
@@ -115,19 +118,32 @@ def _confusion_table(holdout: dict) -> list[str]:
 
 
 def decision_markdown(storage: Storage, outcome: Outcome, cv: dict) -> str:
-    """The decision as the UI shows it: rule, metrics side by side, per-class recall, the
-    holdout confusion matrix and links to the plots."""
+    """The decision as the UI shows it: rule, significance test (or the first model's
+    baseline), metrics side by side, per-class recall, the holdout confusion matrix and links
+    to the plots."""
     version = outcome.version
     base = storage.url(layout.version(version))
     plots = [p for p in PLOTS if storage.exists(layout.version(version, p))]
+    d = outcome.decision
+    gate = (
+        f"**Significance:** {d.test} on the paired holdout predictions: p = {d.p_value:.3g} "
+        f"(max_p_value {d.max_p_value:g}); b = {d.b} images only the challenger gets right, "
+        f"c = {d.c} only the champion"
+        if d.test
+        else f"**First model:** {d.metric} {d.challenger:.4f} against the majority-class "
+        f"baseline {d.baseline:.4f} (baseline_margin {d.baseline_margin:g}, min_metric "
+        f"{d.min_metric:g}); no champion to pair with, so no significance test"
+    )
     lines = [
         f"# {'Promoted' if outcome.promoted else 'Not promoted'}: `{version}`",
         "",
         f"**Rule:** {outcome.decision.rule}",
         "",
+        gate,
+        "",
         f"Champion before this run: `{outcome.champion_version or 'none'}`",
         "",
-        *_metrics_table(cv, outcome.holdout, outcome.champion_holdout or {}),
+        *_metrics_table(cv, outcome),
         "",
         *_recall_table(outcome),
         "",

@@ -27,6 +27,10 @@ TINY = TrainConfig.model_validate(
         augment="none",
     )
 )
+# TINY learns little in one epoch (a coin toss on a 6-image holdout), which the promotion gate
+# rightly refuses as a first champion; tests that need a champion train this one.
+LEARNS = TINY.model_copy(update={"epochs": 5, "batch_size": 4})
+
 
 # The DESIGN contracts as the tests state them (independently of the code's own constants).
 PREDICTION_COLUMNS = [

@@ -14,7 +14,15 @@ from darkroom.config import TrainConfig
 
 # Fields of a nested config that the CLI shows at the top level (--epochs, not --train-epochs).
 NESTED = {"train": TrainConfig}
-GATE_FIELDS = ("metric", "min_delta", "max_class_recall_drop", "tta")
+GATE_FIELDS = (
+    "metric",
+    "min_delta",
+    "max_class_recall_drop",
+    "min_metric",
+    "baseline_margin",
+    "max_p_value",
+    "tta",
+)
 
 
 def _flag_type(annotation) -> dict:

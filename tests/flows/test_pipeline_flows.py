@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import httpx
 import pandas as pd
@@ -14,7 +15,7 @@ from darkroom.config import RetrainConfig, ScoreConfig
 from darkroom.scoring import read_predictions
 from flows.retrain import nightly_retrain
 from flows.score import NoChampion, score_new_images
-from tests.conftest import PREDICTION_COLUMNS, TINY, write_digits
+from tests.conftest import LEARNS, PREDICTION_COLUMNS, write_digits
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 def _retrain(storage, cache_dir, **train):
     return nightly_retrain(
         RetrainConfig(
-            storage=storage.uri, cache_dir=str(cache_dir), train=TINY.model_copy(update=train)
+            storage=storage.uri, cache_dir=str(cache_dir), train=LEARNS.model_copy(update=train)
         )
     )
 
@@ -95,19 +96,42 @@ def test_retrain_then_score_writes_the_contract_files(local_storage, cache_dir):
     assert sum(c["images"] for c in changes["classes"]) == result["index"]["summary"]["usable"]
 
 
+def _mcnemar_p(b: int, c: int) -> float:
+    """The two-sided exact binomial test on the discordant pairs, written out again here."""
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    return 1.0 if n == 0 else min(1.0, 2 * tail / 2**n)
+
+
 def test_a_changed_config_trains_a_challenger_that_must_beat_the_champion(local_storage, cache_dir):
     write_digits(local_storage, classes=("3", "4"), per_class=20)
-    first = _retrain(local_storage, cache_dir)
-    assert first["promoted"]
-    second = _retrain(local_storage, cache_dir, seed=7)
+    # Enough optimizer steps to learn the digits: the gate no longer crowns a coin toss.
+    learns = {"batch_size": 4, "epochs": 5}
+    first = _retrain(local_storage, cache_dir, **learns)
+    assert first["promoted"], first["decision"]["rule"]
+    # No champion yet: the first model had to clear the majority-class baseline by the margin.
+    assert first["decision"]["test"] is None
+    assert first["decision"]["challenger"] >= (
+        first["decision"]["baseline"] + first["decision"]["baseline_margin"] - 1e-9
+    )
+    second = _retrain(local_storage, cache_dir, **learns, seed=7)
     assert not second["skipped"] and second["version"] != first["version"]
     decision = json.loads(local_storage.read_text(f"models/{second['version']}/decision.json"))
     champion = json.loads(local_storage.read_text("models/champion.json"))
-    # The same holdout for both, and the gate's rules recomputed from the saved metrics.
-    assert decision["challenger_holdout"]["n"] == decision["champion_holdout"]["n"]
+    # The same holdout for both, and the gate's rules recomputed from the saved decision.
+    new, old = decision["challenger_holdout"], decision["champion_holdout"]
+    n, b, c = new["n"], decision["b"], decision["c"]
+    assert n == old["n"] and decision["test"] == "exact McNemar"
+    # Paired counts agree with both models' accuracies: b - c is the gain in right images.
+    assert b - c == round(n * new["accuracy"]) - round(n * old["accuracy"]) and b + c <= n
+    p = _mcnemar_p(b, c)
+    assert decision["p_value"] == pytest.approx(p, rel=1e-9)
     drops = [v["champion"] - v["challenger"] for v in decision["per_class_recall"].values()]
+    gain = decision["challenger"] - decision["champion"]
     should = (
-        decision["challenger"] > decision["champion"]
+        gain > 0
+        and gain >= decision["min_delta"] - 1e-9
+        and (decision["max_p_value"] >= 1 or (b > c and p < decision["max_p_value"]))
         and max(drops) <= decision["max_class_recall_drop"] + 1e-9
     )
     assert second["promoted"] == should == decision["promote"]

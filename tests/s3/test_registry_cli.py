@@ -14,7 +14,7 @@ from darkroom.cli import main
 from darkroom.config import ScoreConfig
 from darkroom.scoring import pending_chunks, score_chunk
 from darkroom.storage import open_storage
-from tests.conftest import TINY, train_candidate, write_digits
+from tests.conftest import LEARNS, train_candidate, write_digits
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def root(request, tmp_path):
 
 
 def _train(uri: str, cache: str, seed: int) -> str:
-    return train_candidate(open_storage(uri), cache, TINY.model_copy(update={"seed": seed}))
+    return train_candidate(open_storage(uri), cache, LEARNS.model_copy(update={"seed": seed}))
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -39,13 +39,13 @@ def run(capsys, *args) -> tuple[int, str]:
 def test_status_history_promote_rollback(root, tmp_path, capsys):
     storage = open_storage(root)
     cache = str(tmp_path / "cache")
-    write_digits(storage, classes=("0", "1", "2"), per_class=15, incoming=9)
+    write_digits(storage, classes=("0", "1", "2"), per_class=30, incoming=9)
     a, b = _train(root, cache, seed=1), _train(root, cache, seed=2)
     common = ["--storage", root, "--cache-dir", cache]
 
     assert run(capsys, "status", *common)[0] == 1  # no champion yet
     code, out = run(capsys, "promote", a, *common)
-    assert code == 0 and "no champion yet" in out
+    assert code == 0 and "no champion yet" in out, out
     code, out = run(capsys, "promote", b, *common, "--min-delta", "2")  # impossible margin
     assert code == 1 and "not promoted" in out
     assert registry.read_champion(storage)[0]["version"] == a

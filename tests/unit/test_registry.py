@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from darkroom import registry
+from darkroom.config import RetrainConfig
 from darkroom.layout import CHAMPION, PROMOTIONS
-from darkroom.promotion import decide
+from darkroom.metrics import classification_metrics
+from darkroom.promotion import Holdout, decide
 from darkroom.registry import PromotionLost, history, promote
 
 
@@ -21,34 +24,60 @@ def _records(storage) -> list[str]:
 
 
 # ---- decide ---------------------------------------------------------------------------------
+# Holdout results built from real labels and predictions; the gate's rules in detail are in
+# test_gate.py.
+
+LABELS = np.arange(200) % 2  # 100 "a", 100 "b", interleaved
 
 
-def test_no_champion_promotes():
-    d = decide({"accuracy": 0.1}, None, "accuracy")
+def _holdout(labels, wrong) -> Holdout:
+    """Right on every row but ``wrong``, where it predicts the other class."""
+    y = np.asarray(labels)
+    right = ~np.isin(np.arange(len(y)), list(wrong))
+    pred = np.where(right, y, 1 - y)
+    return Holdout(classification_metrics(y, np.eye(2)[pred], ["a", "b"]), right.tolist())
+
+
+def _gate(metric: str) -> RetrainConfig:
+    return RetrainConfig(train={"metric": metric})
+
+
+def test_no_champion_promotes_a_first_model_that_beats_the_baseline():
+    d = decide(_holdout(LABELS, range(20)), None, _gate("accuracy"))
     assert d.promote is True
-    assert d.champion is None and d.challenger == 0.1
-    assert d.metric == "accuracy"
+    assert d.champion is None and d.challenger == 0.9 and d.baseline == 0.5
+    assert d.metric == "accuracy" and "no champion yet" in d.rule
+
+
+def test_no_champion_no_longer_promotes_whatever_its_accuracy():
+    d = decide(_holdout(LABELS, range(100)), None, _gate("accuracy"))  # a coin: 0.5
+    assert d.promote is False and "majority-class baseline" in d.rule
 
 
 def test_better_promotes():
-    d = decide({"f1_macro": 0.81, "accuracy": 0.1}, {"f1_macro": 0.8, "accuracy": 0.9}, "f1_macro")
+    champion, challenger = _holdout(LABELS, range(40)), _holdout(LABELS, range(30, 40))
+    d = decide(challenger, champion, _gate("f1_macro"))
     assert d.promote is True
-    assert (d.challenger, d.champion) == (0.81, 0.8)
+    assert (d.challenger, d.champion) == pytest.approx((0.95, 0.8), abs=1e-3)
     assert "f1_macro" in d.rule and d.rule.startswith("promoted")
 
 
-@pytest.mark.parametrize("new", [0.8, 0.5])
-def test_equal_or_worse_rejects(new):
-    d = decide({"accuracy": new}, {"accuracy": 0.8}, "accuracy")
+@pytest.mark.parametrize("wrong", [range(40), range(100)])  # 0.8 (equal), 0.5 (worse)
+def test_equal_or_worse_rejects(wrong):
+    d = decide(_holdout(LABELS, wrong), _holdout(LABELS, range(160, 200)), _gate("accuracy"))
     assert d.promote is False
     assert "accuracy" in d.rule
     assert d.rule.startswith("rejected") and "does not beat" in d.rule
 
 
 def test_decide_uses_the_named_metric_only():
-    # Better accuracy, worse F1: the metric decides.
-    d = decide({"accuracy": 0.99, "f1_macro": 0.1}, {"accuracy": 0.5, "f1_macro": 0.2}, "f1_macro")
-    assert d.promote is False
+    # 80 "a", 20 "b". Champion misses 20 "a"; challenger calls everything "a" but 5 "b":
+    # accuracy 0.80 -> 0.85, macro F1 0.76 -> 0.66. The metric decides.
+    labels = np.repeat([0, 1], [80, 20])
+    champion, challenger = _holdout(labels, range(60, 80)), _holdout(labels, range(85, 100))
+    d = decide(challenger, champion, _gate("f1_macro"))
+    assert challenger.metrics["accuracy"] > champion.metrics["accuracy"]
+    assert d.promote is False and "does not beat" in d.rule
 
 
 # ---- promote --------------------------------------------------------------------------------
