@@ -152,6 +152,12 @@ class RuntimeConfig(BaseModel):
         description="A run holds a lease on the storage root (renewed every third of this), so "
         "a second retrain or scoring run there stops; a killed run's lease expires after this.",
     )
+    loader_timeout_seconds: float = Field(
+        300,
+        gt=0,
+        description="A DataLoader worker that returns no batch for this long fails the epoch "
+        "(the fold's retry resumes from its checkpoint).",
+    )
     max_image_pixels: int = Field(
         178_956_970,
         ge=1,

@@ -1,35 +1,266 @@
-"""Images to tensors: OpenCV decode, BGR to RGB, albumentations transforms."""
+"""Images to tensors: the header checked before any pixel is decoded, OpenCV decode to 8-bit RGB
+as a viewer shows it, albumentations transforms.
+
+Every path that reads an image (index check, training, evaluation, scoring) goes through
+``decode_rgb``, so all of them see the same pixels and refuse the same files.
+"""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+
+# Importing the plugins registers them in Image.OPEN, which read_header calls directly.
+from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin  # noqa: F401
 from torch.utils.data import Dataset
+
+from darkroom.config import RuntimeConfig
+
+# The config's default is the one source of the limit (Pillow's decompression-bomb error size).
+DEFAULT_MAX_IMAGE_PIXELS: int = RuntimeConfig.model_fields["max_image_pixels"].default
+# Transparent pixels become white. Most transparent images (product shots, logos, icons,
+# drawings) are made to sit on a white page, and the JPEG copies of such images that arrive
+# beside them were flattened on white by the tools that exported them: white keeps both alike.
+# Black would turn a dark logo with a transparent surround into a black square.
+BACKGROUND = (255, 255, 255)
+_BG = np.array(BACKGROUND, np.uint16)
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_BAND_PIXELS = 1 << 20  # pixels converted at a time: temporaries stay tens of MB at any size
+# EXIF orientation 2..8 -> what turns the stored pixels into what a viewer shows (1: as stored).
+_ORIENT = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda a: cv2.flip(a, 0),
+    5: cv2.transpose,
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.rotate(cv2.transpose(a), cv2.ROTATE_180),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+_REDUCED = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
 
 
 class UnreadableImage(ValueError):
-    pass
+    """An image that cannot be used. ``status`` names the kind (the index and prediction
+    status), ``reason`` says why without the local path, which ``str()`` adds when known."""
+
+    status = "unreadable"
+
+    def __init__(self, reason: str, path: str | None = None):
+        super().__init__(reason)
+        self.reason, self.path = reason, path
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.path})" if self.path else self.reason
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """Decodes any supported image file to an HxWx3 uint8 RGB array."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)  # also expands grey and drops alpha
-    if img is None:
-        raise UnreadableImage(f"OpenCV could not decode {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+class ImageTooLarge(UnreadableImage):
+    """More pixels than the configured limit, known from the header: nothing was decoded."""
+
+    status = "too_large"
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """``read_rgb`` for bytes already in memory (an object read from storage)."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, read without decoding a pixel."""
+
+    width: int
+    height: int
+    mode: str  # Pillow's mode: L, LA, P, RGB, RGBA, CMYK, I;16...
+    format: str  # JPEG, PNG, WEBP or BMP
+    has_alpha: bool
+    orientation: int = 1  # EXIF orientation; 1: show as stored
+
+    @property
+    def channels(self) -> int:
+        """Channels as stored; a palette counts as RGB, or RGBA when it has transparency."""
+        if self.mode in ("P", "PA"):
+            return 4 if self.has_alpha else 3
+        return Image.getmodebands(self.mode)
+
+
+def _orientation(exif: bytes | None) -> int:
+    if not exif:
+        return 1
+    try:
+        tags = Image.Exif()
+        tags.load(exif)
+        value = int(tags.get(0x0112, 1))
+    except Exception:  # a broken EXIF block only loses the orientation, never the image
+        return 1
+    return value if value in _ORIENT else 1
+
+
+def _riff_chunk(data: bytes, fourcc: bytes) -> bytes | None:
+    pos = 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == fourcc:
+            return data[pos + 8 : pos + 8 + size]
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _webp_header(data: bytes) -> ImageHeader:
+    """WebP's header parsed here: Pillow's WebP plugin allocates the whole canvas to open a
+    file, which is what a header check must not do."""
+    kind, alpha, orientation = data[12:16], False, 1
+    if kind == b"VP8X" and len(data) >= 30:
+        flags = data[20]
+        w, h = (int.from_bytes(data[i : i + 3], "little") + 1 for i in (24, 27))
+        alpha = bool(flags & 0x10)
+        if flags & 0x08:
+            orientation = _orientation(_riff_chunk(data, b"EXIF"))
+    elif kind == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        w, h, alpha = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
+    elif kind == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        w, h = (int.from_bytes(data[i : i + 2], "little") & 0x3FFF for i in (26, 28))
+    else:
+        raise UnreadableImage("not a readable WebP header")
+    return ImageHeader(w, h, "RGBA" if alpha else "RGB", "WEBP", alpha, orientation)
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """The size, mode and orientation of JPEG, PNG, WebP or BMP bytes; no pixel is decoded.
+
+    Pillow's format plugins are called directly: ``Image.open`` would first apply Pillow's own
+    decompression-bomb rule (a process-wide setting), and ours must be the one that rules.
+
+    Raises:
+        UnreadableImage: none of those formats, or a header that does not parse.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_header(data)
+    for fmt in ("JPEG", "PNG", "BMP"):
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            im = factory(io.BytesIO(data), "")
+        except Exception:  # hostile bytes: any parse failure just means unreadable
+            continue
+        has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+        fmt = "JPEG" if im.format == "MPO" else im.format  # a camera's multi-picture JPEG
+        return ImageHeader(*im.size, im.mode, fmt, has_alpha, _orientation(im.info.get("exif")))
+    raise UnreadableImage("not a readable JPEG, PNG, WebP or BMP header")
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Raises ImageTooLarge when ``width x height`` exceeds ``max_pixels``."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} = {width * height:,} pixels exceeds max_image_pixels {max_pixels:,}"
+        )
+
+
+def _imdecode(data: bytes, flags: int) -> np.ndarray:
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:  # OpenCV raises on some malformed files instead of returning None
+        img = None
     if img is None:
         raise UnreadableImage("OpenCV could not decode the image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def check_decodable(data: bytes, header: ImageHeader) -> None:
+    """Raises UnreadableImage unless OpenCV decodes ``data``, in grey: a JPEG at 1/8 scale (a
+    64th of its pixels' memory), other formats at one byte a pixel (OpenCV would decode them
+    whole before reducing them anyway)."""
+    jpeg = header.format == "JPEG"
+    flags = cv2.IMREAD_REDUCED_GRAYSCALE_8 if jpeg else cv2.IMREAD_GRAYSCALE
+    _imdecode(data, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+def _jpeg_flags(header: ImageHeader, min_side: int | None) -> int:
+    """The largest libjpeg scale (1/2, 1/4, 1/8: DCT scaling, cheap in time and memory) that
+    keeps the shorter side at least ``min_side``; EXIF orientation is applied afterwards."""
+    short = min(header.width, header.height)
+    factor = next((f for f in (8, 4, 2) if min_side and -(-short // f) >= min_side), 1)
+    return _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def _to_rgb8(img: np.ndarray, has_alpha: bool) -> np.ndarray:
+    """OpenCV's array (grey, BGR or BGRA; 8 or 16 bits) as 8-bit RGB, alpha composited on
+    BACKGROUND, a band of rows at a time so that no temporary is the whole image's size."""
+    img = img[..., None] if img.ndim == 2 else img
+    if img.dtype not in (np.uint8, np.uint16):
+        raise UnreadableImage(f"unsupported sample type {img.dtype}")
+    channels = img.shape[2]
+    alpha = has_alpha and channels in (2, 4)
+    if img.dtype == np.uint8 and channels == 3:  # JPEG, RGB PNG: in place, no copy
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)
+    if img.dtype == np.uint8 and channels == 1:  # 8-bit grey: OpenCV's own loop
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    out = np.empty((*img.shape[:2], 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // img.shape[1])
+    for y in range(0, img.shape[0], rows):
+        band = img[y : y + rows].astype(np.uint32)
+        if img.dtype == np.uint16:  # 65535 -> 255, rounded: scaled, never clipped
+            band = (band * 255 + 32767) // 65535
+        colour = band[..., :1] if channels < 3 else band[..., 2::-1]
+        if alpha:
+            a = band[..., -1:]
+            colour = (colour * a + _BG * (255 - a) + 127) // 255
+        out[y : y + rows] = colour
+    return out
+
+
+def decode_rgb(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int | None = None
+) -> np.ndarray:
+    """Decodes image bytes to an HxWx3 uint8 RGB array, as a viewer shows the image.
+
+    The header is read first, and an image over ``max_pixels`` is refused before a pixel is
+    decoded. Alpha is composited on BACKGROUND, 16-bit samples are scaled to 8 bits, palette,
+    grey and CMYK become RGB, and the EXIF orientation is applied (OpenCV is told to ignore
+    it and this function applies it, the same way for every format and decode mode).
+
+    Args:
+        max_pixels: the most pixels (width x height, from the header) an image may have.
+        min_side: a JPEG is decoded at 1/2, 1/4 or 1/8 scale when its shorter side stays at
+            least this long; None: full scale.
+
+    Raises:
+        ImageTooLarge: more pixels than ``max_pixels``.
+        UnreadableImage: not an image OpenCV can decode.
+    """
+    if not data:
+        raise UnreadableImage("empty file")
+    header = read_header(data)
+    check_pixels(header.width, header.height, max_pixels)
+    jpeg = header.format == "JPEG"  # no alpha, 8 bits: OpenCV's colour mode handles CMYK too
+    flags = _jpeg_flags(header, min_side) if jpeg else cv2.IMREAD_UNCHANGED
+    rgb = _to_rgb8(_imdecode(data, flags), header.has_alpha)
+    return _ORIENT[header.orientation](rgb) if header.orientation in _ORIENT else rgb
+
+
+def read_rgb(
+    path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_side: int | None = None
+) -> np.ndarray:
+    """``decode_rgb`` of a file; errors name the file."""
+    try:
+        if not path:
+            raise UnreadableImage("no local copy of the image")
+        return decode_rgb(Path(path).read_bytes(), max_pixels=max_pixels, min_side=min_side)
+    except OSError as e:
+        raise UnreadableImage(f"could not read the file: {e.strerror}", str(path)) from e
+    except UnreadableImage as e:
+        e.path = str(path) if path else None
+        raise
 
 
 def build_transform(
@@ -61,27 +292,55 @@ def build_transform(
     return A.Compose(ops)
 
 
-class ImageDataset(Dataset):
-    """Files and integer labels (-1 when unlabeled) through a transform."""
+def _leading_resize(transform) -> int | None:
+    """The side a transform that starts with a Resize makes: decoding more is wasted."""
+    first = next(iter(getattr(transform, "transforms", ())), None)
+    return max(first.height, first.width) if isinstance(first, A.Resize) else None
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int] | None, transform):
+
+class ImageDataset(Dataset):
+    """Files and integer labels (-1 when unlabeled) through a transform.
+
+    Args:
+        max_pixels: images with more pixels are refused from their header (ImageTooLarge).
+        min_side: the shorter side a JPEG keeps when decoded at reduced scale; None: the
+            size of the transform's leading Resize, if it has one (else full scale).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int] | None,
+        transform,
+        *,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        min_side: int | None = None,
+    ):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
+        self.max_pixels = max_pixels
+        self.min_side = _leading_resize(transform) if min_side is None else min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load(self, i: int) -> np.ndarray:
+        """Item ``i``'s RGB pixels before the transform."""
+        return read_rgb(self.paths[i], max_pixels=self.max_pixels, min_side=self.min_side)
+
     def __getitem__(self, i: int):
-        image = self.transform(image=read_rgb(self.paths[i]))["image"]
+        image = self.transform(image=self.load(i))["image"]
         return image, torch.tensor(self.labels[i], dtype=torch.long)
 
 
 class SafeImageDataset(ImageDataset):
-    """For scoring: an unreadable file yields a zero image and ok=False instead of raising."""
+    """For scoring: an unusable file yields a zero image and ok=False instead of raising."""
 
-    def __init__(self, paths, transform, image_size: int):
-        super().__init__(paths, None, transform)
+    def __init__(
+        self, paths, transform, image_size: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ):
+        super().__init__(paths, None, transform, max_pixels=max_pixels, min_side=image_size)
         self.blank = torch.zeros(3, image_size, image_size)
 
     def __getitem__(self, i: int):
@@ -89,6 +348,16 @@ class SafeImageDataset(ImageDataset):
             return super().__getitem__(i)[0], i, True
         except UnreadableImage:
             return self.blank, i, False
+
+    def refusal(self, i: int) -> tuple[str, str]:
+        """Why item ``i`` came back not ok, as (status, reason). Found again in the calling
+        process: a loader worker returns only the flag. Cheap for a file refused by its
+        header; a file that fails to decode is tried again."""
+        try:
+            self.load(i)
+        except UnreadableImage as e:
+            return e.status, e.reason
+        return "unreadable", "could not be decoded in a loader worker"
 
 
 def worker_context(num_workers: int) -> str | None:

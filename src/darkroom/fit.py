@@ -34,6 +34,7 @@ from darkroom.recipe import (
 )
 from darkroom.rng import rng_state, seed_everything, set_rng_state
 from darkroom.steps import (
+    LoaderLimits,
     NonFiniteLoss,
     StepOptions,
     evaluate,
@@ -62,6 +63,7 @@ class FoldData:
     val_paths: Sequence[str]
     val_labels: Sequence[int]
     num_classes: int
+    limits: LoaderLimits = field(default_factory=LoaderLimits)
 
 
 @dataclass
@@ -306,6 +308,7 @@ def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int, batch: i
         num_workers=num_workers,
         seed=cfg.seed,
         drop_last=len(data.train_paths) % batch == 1,  # a batch of one breaks BatchNorm
+        limits=data.limits,
     )
     val = make_loader(
         data.val_paths,
@@ -314,6 +317,7 @@ def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int, batch: i
         batch,
         shuffle=False,
         num_workers=num_workers,
+        limits=data.limits,
     )
     return train, val
 

@@ -17,13 +17,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
 from darkroom import layout
 from darkroom.config import RetrainConfig
+from darkroom.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    UnreadableImage,
+    check_decodable,
+    check_pixels,
+    read_header,
+)
 from darkroom.progress import Progress
 from darkroom.storage import Storage
 from darkroom.sync import CachedObject, is_image_key, load_manifest
@@ -42,8 +49,10 @@ class DatasetError(ValueError):
     """The labeled data cannot be trained on as it is; the message says what to fix."""
 
 
-def describe_image(path: str | Path) -> dict:
-    """Hashes and decodes one file once. Never raises for a bad image: status says why."""
+def describe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+    """Hashes one file's bytes and reads its header; checks that it decodes (at reduced scale,
+    see ``data.check_decodable``) unless the header shows more than ``max_pixels``. Never
+    raises for a bad image: status says why ("unreadable", "too_large")."""
     raw = Path(path).read_bytes()
     row = {
         "image_id": hashlib.sha256(raw).hexdigest(),
@@ -55,16 +64,18 @@ def describe_image(path: str | Path) -> dict:
         "status": "ok",
         "error": "",
     }
-    img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
-    if img is None:
-        row.update(status="unreadable", error="OpenCV could not decode the file")
-        return row
-    row.update(
-        height=int(img.shape[0]),
-        width=int(img.shape[1]),
-        channels=1 if img.ndim == 2 else int(img.shape[2]),
-        format=Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg"),
-    )
+    try:
+        header = read_header(raw)
+        row.update(
+            height=header.height,
+            width=header.width,
+            channels=header.channels,
+            format=Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg"),
+        )
+        check_pixels(header.width, header.height, max_pixels)
+        check_decodable(raw, header)
+    except UnreadableImage as e:
+        row.update(status=e.status, error=e.reason)
     return row
 
 
@@ -107,12 +118,19 @@ def _unreadable_row(size: int, error: str) -> dict:
     }
 
 
-def _reused_row(old) -> dict:
-    """An earlier index's row for the same (key, etag): no need to read the file again."""
+def _reused_row(old, max_pixels: int) -> dict | None:
+    """An earlier index's row for the same (key, etag), judged against today's pixel limit;
+    None when the file must be read again (too large then, allowed now: never decoded)."""
     row = {c: getattr(old, c) for c in DESCRIBED}
-    if row["status"] not in ("ok", "unreadable"):
-        row.update(status="ok", error="")  # exclusions are judged again on the new set
-    return row
+    if row["status"] == "unreadable":
+        return row
+    try:
+        check_pixels(row["width"], row["height"], max_pixels)
+    except ImageTooLarge as e:
+        return {**row, "status": e.status, "error": e.reason}
+    if row["status"] == "too_large":
+        return None
+    return {**row, "status": "ok", "error": ""}  # exclusions are judged again on the new set
 
 
 def describe_rows(
@@ -120,6 +138,7 @@ def describe_rows(
     labels: Mapping[str, str],
     previous: pd.DataFrame | None = None,
     progress: Progress = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> pd.DataFrame:
     """One row per synced object: content hash, size, dimensions, label and status."""
     reuse = {}
@@ -129,7 +148,8 @@ def describe_rows(
     for i, (key, obj) in enumerate(sorted(objects.items()), 1):
         old = reuse.get((key, obj.etag))
         try:
-            row = _reused_row(old) if old is not None else describe_image(obj.path)
+            row = _reused_row(old, max_pixels) if old is not None else None
+            row = row or describe_image(obj.path, max_pixels)
         except OSError as e:
             row = _unreadable_row(obj.size, str(e))
         label = labels.get(key) or layout.label_from_key(key)
@@ -175,6 +195,7 @@ def build_index(
     holdout_fraction: float = 0.1,
     previous: pd.DataFrame | None = None,
     progress: Progress = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Index rows for the synced labeled images: describe, exclude, split, fold.
 
@@ -182,6 +203,7 @@ def build_index(
         objects: synced objects under ``labeled/`` with local paths.
         labels: key -> label overrides (from a labels file); else the class folder.
         previous: an earlier index; rows with the same key and etag are reused, not re-decoded.
+        max_pixels: images with more pixels (from the header) get status "too_large".
 
     Returns:
         The index DataFrame (contract columns) and the class names in index order.
@@ -189,7 +211,7 @@ def build_index(
     Raises:
         DatasetError: fewer than two classes, or a class with fewer train images than folds.
     """
-    df = describe_rows(objects, labels or {}, previous, progress)
+    df = describe_rows(objects, labels or {}, previous, progress, max_pixels)
     df, classes = assign_splits(_mark_duplicates(df), holdout_fraction)
     _check_trainable(df, classes, folds)
     df = assign_folds(df, folds, seed)
@@ -353,6 +375,7 @@ def rebuild_index(
         holdout_fraction=config.holdout_fraction,
         previous=previous,
         progress=progress,
+        max_pixels=config.max_image_pixels,
     )
     info = {"folds": cfg.folds, "seed": cfg.seed, "holdout_fraction": config.holdout_fraction}
     pointer = write_index(storage, df, classes, **info)

@@ -13,9 +13,32 @@ from torch.utils.data import DataLoader
 
 from darkroom import layout
 from darkroom.config import TrainConfig
-from darkroom.data import SafeImageDataset, build_transform, worker_context
+from darkroom.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    SafeImageDataset,
+    build_transform,
+    worker_context,
+)
 from darkroom.model import create_model, load_weights, resolve_device
 from darkroom.storage import Storage
+
+
+@dataclass
+class Predictions:
+    """What a model made of a list of files, in order.
+
+    Attributes:
+        probs: class probabilities (zeros where a file was refused).
+        ok: True where the file was used.
+        status: "ok", or why the file was refused: "too_large" (over the pixel limit, from
+            its header) or "unreadable".
+        errors: the refusal's reason ("" where ok).
+    """
+
+    probs: np.ndarray
+    ok: np.ndarray
+    status: list[str]
+    errors: list[str]
 
 
 @dataclass
@@ -38,16 +61,23 @@ class LoadedModel:
         return [self.model, *self.extra_members]
 
     @torch.no_grad()
-    def predict_proba(
-        self, paths: Sequence[str], batch_size: int = 64, num_workers: int = 0, tta: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities for ``paths`` (in order) and a mask of decodable files.
+    def predict(
+        self,
+        paths: Sequence[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        tta: bool = False,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> Predictions:
+        """Class probabilities for ``paths`` (in order), and why any file was refused.
 
         Args:
             tta: also score the horizontal flip of each image and average the views.
+            max_pixels: images with more pixels are refused from their header, undecoded.
         """
-        tf = build_transform(self.meta["image_size"], self.meta["mean"], self.meta["std"], "none")
-        ds = SafeImageDataset(paths, tf, self.meta["image_size"])
+        size = self.meta["image_size"]
+        tf = build_transform(size, self.meta["mean"], self.meta["std"], "none")
+        ds = SafeImageDataset(paths, tf, size, max_pixels=max_pixels)
         loader = DataLoader(
             ds,
             batch_size=batch_size,
@@ -66,7 +96,22 @@ class LoadedModel:
             ).mean(0)
             probs[idx.numpy()] = p.cpu().numpy()
             ok[idx.numpy()] = good.numpy()
-        return probs, ok
+        status, errors = ["ok"] * len(paths), [""] * len(paths)
+        for i in np.flatnonzero(~ok):
+            status[i], errors[i] = ds.refusal(int(i))
+        return Predictions(probs, ok, status, errors)
+
+    def predict_proba(
+        self,
+        paths: Sequence[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        tta: bool = False,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``predict``'s class probabilities and mask of usable files."""
+        p = self.predict(paths, batch_size, num_workers, tta, max_pixels)
+        return p.probs, p.ok
 
 
 _LOADED: dict[tuple, LoadedModel] = {}

@@ -102,7 +102,7 @@ def evaluate_holdout(
         raise DatasetError("the holdout is empty: add more labeled images")
     loaded = load_version(storage, version, config.device)
     paths = local_paths(storage, rows, config.cache_path(storage))
-    probs, _ = loaded.predict_proba(paths, tta=config.tta)
+    probs, _ = loaded.predict_proba(paths, tta=config.tta, max_pixels=config.max_image_pixels)
     probs = align_probs(probs, loaded.classes, classes)
     y_true = rows["class_index"].to_numpy()
     # the top class the metrics score: their row normalisation keeps each row's argmax

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -71,8 +71,15 @@ def predictions_frame(
     ok: np.ndarray,
     errors: dict[str, str],
     options: ScoreConfig,
+    statuses: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Prediction rows (the contract's columns), built column by column."""
+    """Prediction rows (the contract's columns), built column by column.
+
+    Args:
+        errors: key -> why the image could not be scored (its row's error).
+        statuses: key -> the status of a refused image ("too_large"...); default "unreadable".
+    """
+    statuses = statuses or {}
     classes = np.asarray(classes)
     keys = [k for k, _ in items]
     good = ok.astype(bool) & np.array([k not in errors for k in keys], dtype=bool)
@@ -95,9 +102,12 @@ def predictions_frame(
             "topk_probs": [p.tolist() if g else [] for p, g in zip(top_p, good, strict=True)],
             "model_version": version,
             "scored_at": datetime.now(UTC),
-            "status": np.where(good, "ok", "unreadable"),
+            "status": [
+                "ok" if g else statuses.get(key, "unreadable")
+                for key, g in zip(keys, good, strict=True)
+            ],
             "error": [
-                "" if g else errors.get(key, "OpenCV could not decode the file")
+                "" if g else errors.get(key, "could not decode the image")
                 for key, g in zip(keys, good, strict=True)
             ],
         }
@@ -178,8 +188,16 @@ def score_chunk(
     errors = {k: "could not fetch the object" for k in report.failed_keys + report.refused_keys}
     paths = [local[k].path if k in local else "" for k, _ in items]
     loaded = load_version(storage, version, config.device)
-    probs, ok = loaded.predict_proba(paths, config.batch_size, config.num_workers, tta=config.tta)
-    frame = predictions_frame(version, loaded.classes, items, probs, ok, errors, config)
+    pred = loaded.predict(
+        paths, config.batch_size, config.num_workers, config.tta, config.max_image_pixels
+    )
+    rows = zip(items, pred.status, pred.errors, strict=True)
+    refused = [(k, s, e) for (k, _), s, e in rows if s != "ok"]
+    errors = {k: e for k, _, e in refused} | errors  # a failed fetch is the first cause
+    statuses = {k: s for k, s, _ in refused}
+    frame = predictions_frame(
+        version, loaded.classes, items, pred.probs, pred.ok, errors, config, statuses
+    )
     key = write_predictions(storage, version, cid, frame)
     return ChunkResult(
         chunk_id=cid,

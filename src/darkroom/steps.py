@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
 from darkroom.config import TrainConfig
-from darkroom.data import ImageDataset, worker_context
+from darkroom.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, worker_context
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
 
@@ -33,6 +33,14 @@ class StepOptions:
     cfg: TrainConfig | None = None  # for MixUp/CutMix; None: no mixing
 
 
+@dataclass(frozen=True)
+class LoaderLimits:
+    """What a loader refuses to wait for or to decode."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    worker_timeout: float = 300.0
+
+
 def make_loader(
     paths: Sequence[str],
     labels: Sequence[int] | None,
@@ -43,10 +51,15 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     drop_last: bool = False,
+    limits: LoaderLimits | None = None,
 ) -> DataLoader:
     """A loader over the image files whose shuffle order depends on ``seed`` only."""
+    limits = limits or LoaderLimits()
     return DataLoader(
-        ImageDataset(paths, labels, transform),
+        ImageDataset(paths, labels, transform, max_pixels=limits.max_pixels),
+        # A worker that hangs (a stuck read on a network disk) fails the epoch after this
+        # long; the fold's retry resumes from its last checkpoint.
+        timeout=limits.worker_timeout if num_workers > 0 else 0,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,

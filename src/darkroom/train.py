@@ -22,6 +22,7 @@ from darkroom.data import UnreadableImage, decode_rgb
 from darkroom.fit import FoldData, FoldResult, fit, release_memory
 from darkroom.index import read_index
 from darkroom.model import create_model, hub_config, resolve_device, sha256, to_bytes
+from darkroom.steps import LoaderLimits
 from darkroom.storage import Storage
 from darkroom.sync import local_paths
 
@@ -142,6 +143,7 @@ def _fold_data(storage: Storage, config: RetrainConfig, train_rows, val_rows, n:
         local_paths(storage, val_rows, cache),
         val_rows["class_index"].tolist(),
         n,
+        LoaderLimits(config.max_image_pixels, config.loader_timeout_seconds),
     )
 
 

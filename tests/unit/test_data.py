@@ -41,13 +41,13 @@ def test_read_rgb_grey_gives_three_channels(tmp_path):
     assert (rgb == 77).all()
 
 
-def test_read_rgb_drops_alpha(tmp_path):
+def test_read_rgb_composites_alpha_on_white(tmp_path):
     bgra = np.zeros((4, 4, 4), np.uint8)
     bgra[..., 1] = 200
-    bgra[..., 3] = 10
+    bgra[..., 3] = 10  # nearly transparent: mostly the white background shows
     rgb = read_rgb(_write(tmp_path / "a.png", bgra))
     assert rgb.shape == (4, 4, 3)
-    assert (rgb[..., 1] == 200).all()
+    assert (rgb == [245, 253, 245]).all()  # round((c * 10 + 255 * 245) / 255)
 
 
 @pytest.mark.parametrize("content", [b"not an image", b""])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -430,3 +432,33 @@ def test_benchmark_exits_cleanly_without_a_gpu(tmp_path):
     )
     assert done.returncode == 0 and "no CUDA GPU" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hung_loader_worker_fails_the_epoch_instead_of_waiting_forever(tmp_path, digit_files):
+    """A read that never returns (a FIFO nobody writes to, like a stuck network mount) in a
+    DataLoader worker: the loader gives up after its timeout, with an error a task retries."""
+    import os
+
+    from darkroom.data import build_transform
+    from darkroom.steps import LoaderLimits, make_loader
+    from tasks.common import NOT_RETRIED
+
+    paths, labels, _ = digit_files
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)
+    loader = make_loader(
+        [paths[0], str(stuck)],
+        [labels[0], labels[0]],
+        build_transform(32, [0.5] * 3, [0.5] * 3),
+        batch_size=1,
+        shuffle=False,
+        num_workers=1,
+        limits=LoaderLimits(worker_timeout=3),
+    )
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out") as err:
+        list(loader)
+    assert time.monotonic() - t0 < 60
+    assert not isinstance(err.value, NOT_RETRIED)
+    with open(stuck, "wb"):  # let the blocked worker go, so it exits
+        pass

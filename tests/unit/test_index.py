@@ -310,9 +310,9 @@ def test_previous_reuse_decodes_only_new_or_changed(local_storage, cache_dir, mo
     decoded = []
     real = idx.describe_image
 
-    def spy(path):
+    def spy(path, *args):
         decoded.append(path)
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(idx, "describe_image", spy)
     again, _ = build_index(_synced(local_storage, cache_dir), folds=2, previous=df)
