@@ -3,7 +3,9 @@ S3-compatible endpoint named in AWS_ENDPOINT_URL)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,13 @@ from darkroom.storage import (
     check_key,
 )
 
+log = logging.getLogger(__name__)
+
 DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+# A body that breaks off arrives after boto returned the response, so boto's own retries are
+# spent by then: read_bytes repeats the whole GET, with backoff, this many times at most.
+BODY_ATTEMPTS = 4
+BODY_BACKOFF_SECONDS = 0.2  # doubled after each broken read
 
 
 class S3Storage(Storage):
@@ -113,6 +121,27 @@ class S3Storage(Storage):
             raise error from e
 
     def read_bytes(self, key: str) -> bytes:
+        """The object's bytes; a body that breaks off mid-stream is fetched again.
+
+        Raises:
+            FileNotFoundError: no such object.
+            StorageError: every attempt broke off (retriable later: the network is sick).
+        """
+        from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS  # what download_file retries
+
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            try:
+                return self._get_body(key)
+            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
+                error = e
+                log.info("reading %s broke off (%s), attempt %d", self.url(key), e, attempt)
+                if attempt < BODY_ATTEMPTS:
+                    time.sleep(BODY_BACKOFF_SECONDS * 2 ** (attempt - 1))
+        raise StorageError(
+            f"reading {self.url(key)} broke off {BODY_ATTEMPTS} times in a row: {error}"
+        ) from error
+
+    def _get_body(self, key: str) -> bytes:
         ClientError, _ = self._errors()
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
@@ -167,12 +196,26 @@ class S3Storage(Storage):
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def download(self, key: str, dest: Path) -> None:
+        from boto3.exceptions import RetriesExceededError  # download_file gave up
+
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
         try:
+            # s3transfer repeats a GET whose body breaks off (5 attempts) by itself.
             self.client.download_file(self.bucket, self._key(key), str(tmp))
             os.replace(tmp, dest)
+        except RetriesExceededError as e:
+            raise StorageError(
+                f"downloading {self.url(key)} broke off every time: {e.last_exception}"
+            ) from e
         except self._errors() as e:
+            if _code(e) in ("NoSuchKey", "404"):
+                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
             raise self.storage_error(e, f"read {key}") from e
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _code(e: Exception) -> str:
+    """The S3 error code of a boto3 ClientError ("" for any other error)."""
+    return getattr(e, "response", {}).get("Error", {}).get("Code", "")

@@ -16,13 +16,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from darkroom import layout
-from darkroom.config import RuntimeConfig
+from darkroom.config import RetrainConfig
 from darkroom.progress import Progress
-from darkroom.storage import ObjectInfo, Storage, UnsafeKeyError, atomic_write_file, check_key
+from darkroom.storage import (
+    ObjectInfo,
+    Storage,
+    StorageError,
+    UnsafeKeyError,
+    atomic_write_file,
+    check_key,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# A report keeps why the first few objects failed: enough to tell a cause, bounded in size.
+MAX_FAILED_REASONS = 20
+SHOWN_FAILURES = 3  # named in SyncIncomplete's message
+
+
+class SyncIncomplete(StorageError):
+    """More listed objects failed to download than the run accepts. Retriable: what did
+    download is cached and in the manifest, so a retried sync fetches only the rest."""
 
 
 @dataclass
@@ -38,13 +53,22 @@ class SyncReport:
     downloaded_bytes: int = 0
     refused_keys: list[str] = field(default_factory=list)
     failed_keys: list[str] = field(default_factory=list)
+    # key -> why it failed, for the first MAX_FAILED_REASONS failures
+    failed_reasons: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
+        left_out = " (left out of the manifest)" if self.failed else ""
         return (
             f"sync {self.prefix}: listed {self.listed}, new {self.new}, changed {self.changed}, "
             f"removed {self.removed}, unchanged {self.unchanged}, refused {self.refused}, "
-            f"failed {self.failed}, downloaded {self.downloaded_bytes} bytes"
+            f"failed {self.failed}{left_out}, downloaded {self.downloaded_bytes} bytes"
         )
+
+    def add_failure(self, key: str, error: Exception) -> None:
+        self.failed += 1
+        self.failed_keys.append(key)
+        if len(self.failed_reasons) < MAX_FAILED_REASONS:
+            self.failed_reasons[key] = str(error) or type(error).__name__
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,9 +114,14 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return path
 
 
-def sync_labeled(storage: Storage, config: RuntimeConfig, progress: Progress = None) -> SyncReport:
+def sync_labeled(storage: Storage, config: RetrainConfig, progress: Progress = None) -> SyncReport:
     """The sync stage: mirrors ``labeled/`` into the run's cache (a local root is read in
-    place)."""
+    place). All or nothing by default: a retrain never trains on a silent subset.
+
+    Raises:
+        SyncIncomplete: more objects failed to download than ``config.max_failed_fraction``
+            of those listed (by default: any). The rest are cached and in the manifest.
+    """
     report, _ = sync_prefix(
         storage,
         layout.LABELED,
@@ -100,7 +129,33 @@ def sync_labeled(storage: Storage, config: RuntimeConfig, progress: Progress = N
         concurrency=config.download_concurrency,
         progress=progress,
     )
+    check_complete(report, storage.url(layout.LABELED), config.max_failed_fraction)
     return report
+
+
+def check_complete(report: SyncReport, where: str, max_failed_fraction: float = 0.0) -> None:
+    """Raises SyncIncomplete when ``report.failed`` exceeds ``max_failed_fraction`` of the
+    listed objects; a smaller loss is logged as a warning and the run goes on without them."""
+    if not report.failed:
+        return
+    failed = f"{report.failed} of {report.listed} objects under {where} could not be downloaded"
+    examples = [f"{k}: {v}" for k, v in sorted(report.failed_reasons.items())[:SHOWN_FAILURES]]
+    more = report.failed - len(examples)
+    examples += [f"{more} more"] if more else []
+    if report.failed <= max_failed_fraction * report.listed:
+        log.warning(
+            "%s (e.g. %s): they are left out of this run (max_failed_fraction %g)",
+            failed,
+            "; ".join(examples),
+            max_failed_fraction,
+        )
+        return
+    allowed = f"{max_failed_fraction:g} allows {int(max_failed_fraction * report.listed) or 'none'}"
+    raise SyncIncomplete(
+        f"{failed} (e.g. {'; '.join(examples)}): the retrain stops before indexing "
+        f"(max_failed_fraction {allowed}); fix access or set max_failed_fraction to accept a "
+        "partial set (a retry downloads only the missing objects)"
+    )
 
 
 def _list_safe(storage: Storage, prefix: str, key_filter, report: SyncReport) -> dict:
@@ -193,9 +248,8 @@ def fetch_objects(
                 report.refused += 1
                 report.refused_keys.append(obj.key)
                 continue
-            except Exception as e:  # one bad object must not sink the sync
-                report.failed += 1
-                report.failed_keys.append(obj.key)
+            except Exception as e:  # the caller decides what a loss means (check_complete)
+                report.add_failure(obj.key, e)
                 log.warning("could not fetch %s: %s", obj.key, e)
                 continue
             out[obj.key] = entry
@@ -217,9 +271,14 @@ def local_paths(storage: Storage, rows, cache_dir: str | Path) -> list[str]:
         or manifest[r.key].etag != r.etag
         or not Path(manifest[r.key].path).exists()
     ]
+    report = SyncReport(prefix=layout.LABELED)
     if missing:
-        manifest = {**manifest, **fetch_objects(storage, missing, Path(cache_dir))}
+        manifest = {**manifest, **fetch_objects(storage, missing, Path(cache_dir), report)}
     lost = [k for k in rows["key"] if k not in manifest]
     if lost:
-        raise FileNotFoundError(f"{len(lost)} indexed images could not be fetched, e.g. {lost[0]}")
+        why = report.failed_reasons.get(lost[0])
+        raise FileNotFoundError(
+            f"{len(lost)} indexed images could not be fetched, e.g. {lost[0]}"
+            + (f": {why}" if why else "")
+        )
     return [manifest[k].path for k in rows["key"]]

@@ -1,7 +1,8 @@
 """A real S3 endpoint for the tests: moto's HTTP server on 127.0.0.1, one fresh bucket per test.
 
 Nothing is mocked in process: darkroom's boto3 client talks HTTP to the server through
-AWS_ENDPOINT_URL, exactly as it would talk to MinIO or AWS.
+AWS_ENDPOINT_URL, exactly as it would talk to MinIO or AWS. ``s3_faulty`` puts a
+fault-injecting proxy (tests/s3/fault_proxy.py) between the two: a broken network, for real.
 """
 
 from __future__ import annotations
@@ -71,3 +72,25 @@ def list_keys(client, bucket: str, prefix: str = "") -> dict[str, dict]:
         for obj in page.get("Contents", []):
             out[obj["Key"]] = obj
     return out
+
+
+@pytest.fixture
+def fault_proxy(moto_endpoint):
+    """A FaultProxy (tests/s3/fault_proxy.py) in front of the session's moto server; no faults
+    until the test sets them (``configure(rate=..., seed=...)``, ``fail_keys``)."""
+    from tests.s3.fault_proxy import FaultProxy
+
+    with FaultProxy(moto_endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def s3_faulty(s3_env, fault_proxy, monkeypatch):
+    """``s3_env`` with darkroom's boto3 talking through ``fault_proxy`` (AWS_ENDPOINT_URL);
+    ``client`` still talks to moto directly, to set up and check what is really stored.
+
+    Yields s3_env's dict with endpoint, env and proxy set to the proxy's.
+    """
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    env = {**s3_env["env"], "AWS_ENDPOINT_URL": fault_proxy.url}
+    yield {**s3_env, "endpoint": fault_proxy.url, "env": env, "proxy": fault_proxy}
