@@ -128,8 +128,8 @@ class TrainConfig(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-class RuntimeConfig(BaseModel):
-    """Where and how to run; does not change results."""
+class StorageConfig(BaseModel):
+    """Which storage root a flow works on (the watcher needs no more than this)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -138,6 +138,11 @@ class RuntimeConfig(BaseModel):
         description="Storage root: file://PATH or s3://BUCKET/PREFIX. Empty: $DARKROOM_STORAGE "
         "where the run executes, else file://./data/bucket.",
     )
+
+
+class RuntimeConfig(StorageConfig):
+    """Where and how to run; does not change results."""
+
     cache_dir: str | None = Field(
         None,
         description="Local cache of synced images (default: $DARKROOM_CACHE or "

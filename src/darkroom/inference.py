@@ -101,16 +101,9 @@ class LoadedModel:
             status[i], errors[i] = ds.refusal(int(i))
         return Predictions(probs, ok, status, errors)
 
-    def predict_proba(
-        self,
-        paths: Sequence[str],
-        batch_size: int = 64,
-        num_workers: int = 0,
-        tta: bool = False,
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``predict``'s class probabilities and mask of usable files."""
-        p = self.predict(paths, batch_size, num_workers, tta, max_pixels)
+    def predict_proba(self, paths: Sequence[str], **options) -> tuple[np.ndarray, np.ndarray]:
+        """``predict``'s class probabilities and mask of usable files (same options)."""
+        p = self.predict(paths, **options)
         return p.probs, p.ok
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from darkroom import layout, registry
+from darkroom.config import StorageConfig
 from darkroom.scoring import scored_pairs
 from darkroom.storage import Storage
 from darkroom.sync import is_image_key
@@ -21,16 +20,8 @@ from darkroom.sync import is_image_key
 ARRIVED = "darkroom.images.arrived"
 
 
-class WatchConfig(BaseModel):
+class WatchConfig(StorageConfig):
     """Parameters of the ``watch_incoming`` flow (how often it runs is its schedule)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    storage: str | None = Field(
-        None,
-        description="Storage root: file://PATH or s3://BUCKET/PREFIX. Empty: $DARKROOM_STORAGE "
-        "where the run executes, else file://./data/bucket.",
-    )
 
 
 def resource_id(storage: Storage) -> str:
