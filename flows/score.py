@@ -66,9 +66,11 @@ def summarize_run(version: str, plan: ScorePlan, results: list[ChunkResult]) -> 
         "scored": sum(r.images for r in results),
         "failed": sum(r.failed for r in results),
         "low_confidence": sum(r.low_confidence for r in results),
+        # not fetched: no row was written, so the next run scores them
+        "unfetched": sum(r.unfetched for r in results),
         "chunks": len(results),
         "per_class": dict(sorted(per_class.items())),
-        "files": [r.key for r in results],
+        "files": [r.key for r in results if r.key],
     }
 
 

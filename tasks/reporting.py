@@ -180,10 +180,11 @@ def scoring_markdown(s: dict) -> str:
     lines = [
         f"# Scored with `{s['version']}`",
         "",
-        "| incoming | skipped (already scored) | scored | failed | low confidence |",
-        "|---|---|---|---|---|",
+        "| incoming | skipped (already scored) | scored | failed | low confidence | not fetched "
+        "(next run) |",
+        "|---|---|---|---|---|---|",
         f"| {s['incoming']} | {s['already_scored']} | {s['scored']} | {s['failed']} | "
-        f"{s['low_confidence']} |",
+        f"{s['low_confidence']} | {s['unfetched']} |",
         "",
         "| predicted class | images |",
         "|---|---|",

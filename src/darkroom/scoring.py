@@ -1,18 +1,22 @@
 """The scoring stage: which incoming (key, etag) pairs no model has scored, in chunks, and one
 prediction file per chunk under ``predictions/<version>/``.
 
-A chunk's file is named by a hash of its (key, etag) pairs, so a rerun of the same chunk
-writes the same file instead of a duplicate. Planning needs no torch (the watcher plans too);
-only ``score_chunk`` loads a model, through ``inference``.
+A chunk's file is named by a hash of its planned (key, etag) pairs, so a rerun of the same
+chunk writes the same file instead of a duplicate. A pair whose object could not be fetched
+gets no row (it is not scored, and the next run plans it again): its chunk's file holds the
+other pairs only, and the next run puts the pair in a new chunk, with another id, that no
+earlier file holds a row of. A pair fetched but undecodable gets its row once, with the reason.
+Planning needs no torch (the watcher plans too); only ``score_chunk`` loads a model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +25,7 @@ import pyarrow as pa
 from darkroom import layout
 from darkroom.config import ScoreConfig
 from darkroom.storage import ObjectInfo, Storage
-from darkroom.sync import SyncReport, fetch_objects, is_image_key
+from darkroom.sync import CachedObject, SyncReport, cache_path, fetch_objects, is_image_key
 
 log = logging.getLogger(__name__)
 PREDICTION_SCHEMA = pa.schema(
@@ -147,12 +151,24 @@ class ScorePlan:
 
 @dataclass
 class ChunkResult:
+    """What scoring one chunk did.
+
+    Attributes:
+        key: the prediction file written; None when no object of the chunk could be fetched.
+        images: rows written (fetched pairs, decodable or not).
+        failed: rows whose image could not be scored (status other than "ok").
+        unfetched: pairs whose object could not be fetched: no row, a later run retries them.
+        unfetched_reasons: key -> why, for the first few of them.
+    """
+
     chunk_id: str
-    key: str
+    key: str | None
     images: int
     failed: int
     low_confidence: int
     per_class: dict[str, int] = field(default_factory=dict)
+    unfetched: int = 0
+    unfetched_reasons: dict[str, str] = field(default_factory=dict)
 
 
 def pending_chunks(
@@ -177,33 +193,78 @@ def score_chunk(
     storage: Storage, config: ScoreConfig, version: str, items: Sequence[tuple[str, str]]
 ) -> ChunkResult:
     """Scores one chunk and writes ``predictions/<version>/<chunk_id>.parquet`` atomically
-    (the same chunk always gets the same name, so a retry replaces, never duplicates)."""
-    from darkroom.inference import load_version  # torch only where a model runs
+    (the same chunk always gets the same name, so a retry replaces, never duplicates).
 
+    Pairs whose object could not be fetched get no row and are counted in ``unfetched``; a
+    chunk none of whose objects could be fetched writes no file. Once the file is written,
+    the chunk's cached copies are deleted: the incoming cache holds at most the chunks in
+    flight.
+    """
     items = [tuple(p) for p in items]
     cid = chunk_id(items)
-    objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in items]
+    cache_dir = config.cache_path(storage)
     report = SyncReport(prefix=layout.INCOMING)
-    local = fetch_objects(storage, objs, config.cache_path(storage), report)
-    errors = {k: "could not fetch the object" for k in report.failed_keys + report.refused_keys}
-    paths = [local[k].path if k in local else "" for k, _ in items]
+    objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in items]
+    local = fetch_objects(storage, objs, cache_dir, report)
+    lost = set(report.failed_keys)
+    rows = [p for p in items if p[0] not in lost]
+    result = ChunkResult(cid, None, 0, 0, 0, unfetched=len(items) - len(rows))
+    result.unfetched_reasons = {k: r for k, r in report.failed_reasons.items() if k in lost}
+    if lost:
+        log.warning(
+            "chunk %s: %d of %d objects could not be fetched (left for a later run), e.g. %s",
+            *(cid, len(items) - len(rows), len(items), _first(result.unfetched_reasons)),
+        )
+    if not rows:
+        return result
+    frame = _predict_rows(storage, config, version, rows, local, report.refused_keys)
+    result.key = write_predictions(storage, version, cid, frame)
+    _prune_cache(storage, cache_dir, local.values())
+    result.images = len(frame)
+    result.failed = int((frame["status"] != "ok").sum())
+    result.low_confidence = int(frame["low_confidence"].fillna(False).astype(bool).sum())
+    result.per_class = {str(c): int(n) for c, n in frame["label"].value_counts().items()}
+    return result
+
+
+def _first(reasons: Mapping[str, str]) -> str:
+    return next((f"{k}: {v}" for k, v in sorted(reasons.items())), "no reason recorded")
+
+
+def _predict_rows(
+    storage: Storage,
+    config: ScoreConfig,
+    version: str,
+    items: list[tuple[str, str]],
+    local: Mapping[str, CachedObject],
+    refused_keys: Sequence[str],
+) -> pd.DataFrame:
+    """Prediction rows for fetched (or refused) pairs: a decoder's refusal is its row's
+    status and error; an unsafe key, which no retry fixes, is an unreadable row."""
+    from darkroom.inference import load_version  # torch only where a model runs
+
     loaded = load_version(storage, version, config.device)
+    paths = [local[k].path if k in local else "" for k, _ in items]
     pred = loaded.predict(
         paths, config.batch_size, config.num_workers, config.tta, config.max_image_pixels
     )
-    rows = zip(items, pred.status, pred.errors, strict=True)
-    refused = [(k, s, e) for (k, _), s, e in rows if s != "ok"]
-    errors = {k: e for k, _, e in refused} | errors  # a failed fetch is the first cause
+    refused = [(k, s, e) for (k, _), s, e in zip(items, pred.status, pred.errors, strict=True)]
+    refused = [r for r in refused if r[1] != "ok"]
+    errors = {k: e for k, _, e in refused}
+    errors |= {k: "refused: the key is not a safe relative path" for k in refused_keys}
     statuses = {k: s for k, s, _ in refused}
-    frame = predictions_frame(
+    return predictions_frame(
         version, loaded.classes, items, pred.probs, pred.ok, errors, config, statuses
     )
-    key = write_predictions(storage, version, cid, frame)
-    return ChunkResult(
-        chunk_id=cid,
-        key=key,
-        images=len(items),
-        failed=int((frame["status"] != "ok").sum()),
-        low_confidence=int(frame["low_confidence"].fillna(False).astype(bool).sum()),
-        per_class={str(c): int(n) for c, n in frame["label"].value_counts().items()},
-    )
+
+
+def _prune_cache(storage: Storage, cache_dir: Path, cached: Iterable[CachedObject]) -> None:
+    """Deletes darkroom's cached copies of scored objects. A local root is read in place
+    (``local_path`` is not None): that file is the user's and is never touched; and only a
+    path that is the key's own cache file is deleted, whatever the entry says."""
+    for obj in cached:
+        if storage.local_path(obj.key) is not None:
+            continue
+        path = cache_path(cache_dir, obj.key)
+        if Path(obj.path).resolve() == path:
+            path.unlink(missing_ok=True)
