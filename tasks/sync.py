@@ -16,6 +16,6 @@ def sync_labeled(config: RetrainConfig) -> sync.SyncReport:
     report = sync.sync_labeled(open_storage(config.storage), config, progress)
     logger = get_run_logger()
     logger.info(report.summary())
-    for key in report.refused_keys:
-        logger.warning("refused unsafe key %r (it would escape the cache directory)", key)
+    for key, why in report.refused_reasons.items():
+        logger.warning("refused %s: %s", key, why["error"])
     return report

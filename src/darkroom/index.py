@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
+from darkroom import labels as labels_file
 from darkroom import layout
 from darkroom.config import RetrainConfig
 from darkroom.data import (
@@ -33,7 +35,7 @@ from darkroom.data import (
 )
 from darkroom.progress import Progress
 from darkroom.storage import Storage
-from darkroom.sync import CachedObject, is_image_key, load_manifest
+from darkroom.sync import CachedObject, is_image_key, load_manifest, load_refused
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ COLUMNS = [
     "image_id", "key", "label", "class_index", "split", "fold", "width", "height", "channels",
     "format", "bytes", "etag", "status", "error",
 ]  # fmt: skip
+NUMERIC_DEFAULTS = ["class_index", "fold", "width", "height", "channels"]
 # What describing a file finds out (the rest of a row comes from the listing and the split).
 DESCRIBED = ["image_id", "bytes", "width", "height", "channels", "format", "status", "error"]
 
@@ -85,24 +88,9 @@ def is_holdout(image_id: str, fraction: float) -> bool:
 
 
 def read_label_file(storage: Storage) -> dict[str, str]:
-    """Labels from ``labels.parquet`` or ``labels.csv`` at the root (columns key, label)."""
-    for name in layout.LABEL_FILES:
-        if not storage.exists(name):
-            continue
-        df = (
-            storage.read_parquet(name)
-            if name.endswith(".parquet")
-            else storage.read_csv(name, dtype=str)
-        )
-        if not {"key", "label"} <= set(df.columns):
-            raise DatasetError(
-                f"{storage.url(name)} needs the columns 'key' and 'label'; "
-                f"it has {list(df.columns)}"
-            )
-        df = df.dropna(subset=["key", "label"])  # a blank cell is no override, not "nan"
-        keys = [layout.labeled_key(k) for k in df["key"].astype(str)]
-        return dict(zip(keys, df["label"].astype(str), strict=True))
-    return {}
+    """Labels from ``labels.parquet`` or ``labels.csv`` at the root (columns key, label); a
+    key the file gives two labels is left out (``labels.read_labels`` says which)."""
+    return labels_file.read_labels(storage).labels
 
 
 def _unreadable_row(size: int, error: str) -> dict:
@@ -196,6 +184,7 @@ def build_index(
     previous: pd.DataFrame | None = None,
     progress: Progress = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    label_problems: Mapping[str, tuple[str, str]] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Index rows for the synced labeled images: describe, exclude, split, fold.
 
@@ -204,6 +193,7 @@ def build_index(
         labels: key -> label overrides (from a labels file); else the class folder.
         previous: an earlier index; rows with the same key and etag are reused, not re-decoded.
         max_pixels: images with more pixels (from the header) get status "too_large".
+        label_problems: key -> (status, error) for images the labels file leaves in doubt.
 
     Returns:
         The index DataFrame (contract columns) and the class names in index order.
@@ -212,6 +202,9 @@ def build_index(
         DatasetError: fewer than two classes, or a class with fewer train images than folds.
     """
     df = describe_rows(objects, labels or {}, previous, progress, max_pixels)
+    doubt = df["key"].isin((label_problems or {}).keys()) & (df["status"] == "ok")
+    for i, column in enumerate(["status", "error"]):
+        df.loc[doubt, column] = df.loc[doubt, "key"].map(lambda k, i=i: label_problems[k][i])
     df, classes = assign_splits(_mark_duplicates(df), holdout_fraction)
     _check_trainable(df, classes, folds)
     df = assign_folds(df, folds, seed)
@@ -359,31 +352,45 @@ def rebuild_index(
 ) -> IndexResult:
     """The index stage: indexes the synced labeled images (reusing the previous snapshot's
     rows for unchanged objects), writes the snapshot, the pointer and a quarantine report of
-    unusable images."""
-    objects = load_manifest(config.cache_path(storage), layout.LABELED)
+    unusable images, of objects the sync refused and of labels-file rows naming no object."""
+    cache = config.cache_path(storage)
+    objects = load_manifest(cache, layout.LABELED)
     if not objects:
         require_labeled(storage)  # says what to do when labeled/ is empty
     previous = None
     with contextlib.suppress(FileNotFoundError):
         previous = read_index(storage).rows
+    file = labels_file.read_labels(storage)
+    labels_file.check_spellings(file, filter(None, map(layout.label_from_key, objects)))
     cfg = config.train
     df, classes = build_index(
         objects,
-        labels=read_label_file(storage),
+        labels=file.labels,
         folds=cfg.folds,
         seed=cfg.seed,
         holdout_fraction=config.holdout_fraction,
         previous=previous,
         progress=progress,
         max_pixels=config.max_image_pixels,
+        label_problems=file.problems(),
     )
     info = {"folds": cfg.folds, "seed": cfg.seed, "holdout_fraction": config.holdout_fraction}
     pointer = write_index(storage, df, classes, **info)
-    bad = df[df["status"] != "ok"]
-    quarantine = None
-    if len(bad):
-        quarantine = layout.quarantine(run_name)
-        storage.write_parquet(quarantine, bad)
-    return IndexResult(
-        pointer["snapshot"], pointer["key"], classes, len(df), summarize(df), quarantine
-    )
+    refused = load_refused(cache, layout.LABELED)
+    extra = [{"key": k, "label": "", **why} for k, why in sorted(refused.items())]
+    extra += file.missing(objects.keys() | refused.keys())
+    summary = summarize(df)
+    summary.excluded = dict(Counter(summary.excluded) + Counter(r["status"] for r in extra))
+    quarantine = _write_quarantine(storage, run_name, df[df["status"] != "ok"], extra)
+    return IndexResult(pointer["snapshot"], pointer["key"], classes, len(df), summary, quarantine)
+
+
+def _write_quarantine(storage: Storage, run: str, bad: pd.DataFrame, extra: list[dict]):
+    """Writes the quarantine report, if any: unusable index rows, then ``extra`` rows (things
+    that never became an index row) with the other columns at their empty values."""
+    empty = {c: "" for c in COLUMNS} | dict.fromkeys(NUMERIC_DEFAULTS, -1) | {"bytes": 0}
+    rows = pd.DataFrame([{**empty, **r} for r in extra], columns=COLUMNS)
+    frames = [f.astype({c: "int64" for c in NUMERIC_DEFAULTS}) for f in (bad, rows) if len(f)]
+    if frames:
+        storage.write_parquet(layout.quarantine(run), pd.concat(frames, ignore_index=True))
+    return layout.quarantine(run) if frames else None

@@ -43,6 +43,15 @@ class PreconditionFailed(StorageError):
 class UnsafeKeyError(ValueError):
     """A key that would escape the cache or storage root."""
 
+    status = "unsafe_key"  # what a report of the refused object says
+
+
+class BadKeyName(UnsafeKeyError):
+    """A local file name that is not valid UTF-8. No storage key, report row or chunk id can
+    spell it, so the file is refused until it is renamed."""
+
+    status = "bad_name"
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -56,8 +65,29 @@ def default_storage_uri() -> str:
     return os.environ.get("DARKROOM_STORAGE", DEFAULT_STORAGE)
 
 
+def printable_key(key: str) -> str:
+    """``key`` as valid text for logs and reports: bytes of a file name that are not UTF-8
+    (decoded by the OS as surrogate escapes) are shown as ``\\xff``."""
+    try:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def check_key(key: str) -> str:
-    """Returns ``key`` if it is a safe relative POSIX path, else raises UnsafeKeyError."""
+    """Returns ``key`` if it is a safe relative POSIX path of valid UTF-8.
+
+    Raises:
+        BadKeyName: the key holds bytes that are not UTF-8 (a local file name).
+        UnsafeKeyError: the key could escape the root (absolute, ``..``, backslash...).
+    """
+    if key and not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadKeyName(
+                f"file name '{printable_key(key)}' is not valid UTF-8: rename it"
+            ) from None
     if not key or "\\" in key or "\x00" in key or key.startswith("/"):
         raise UnsafeKeyError(f"unsafe key {key!r}: must be a relative POSIX path")
     parts = key.split("/")
@@ -253,7 +283,9 @@ class LocalStorage(Storage):
         return f"{st.st_mtime_ns:x}-{st.st_size:x}"
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        # Walk only the folder the prefix names, then filter on the full prefix.
+        # Walk only the folder the prefix names, then filter on the full prefix. A name that
+        # is not UTF-8 is listed (as surrogate escapes) so that callers can report it;
+        # check_key refuses it before anything reads it or spells it as text.
         start = self.root / posixpath.dirname(prefix)
         found = []
         for dirpath, dirnames, filenames in os.walk(start):

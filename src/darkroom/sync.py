@@ -25,6 +25,7 @@ from darkroom.storage import (
     UnsafeKeyError,
     atomic_write_file,
     check_key,
+    printable_key,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class SyncReport:
     refused: int = 0
     failed: int = 0
     downloaded_bytes: int = 0
-    refused_keys: list[str] = field(default_factory=list)
+    refused_keys: list[str] = field(default_factory=list)  # printable (see printable_key)
+    # printable key -> {"status", "error"}: what the index's quarantine report says of it
+    refused_reasons: dict[str, dict[str, str]] = field(default_factory=dict)
     failed_keys: list[str] = field(default_factory=list)
     # key -> why it failed, for the first MAX_FAILED_REASONS failures
     failed_reasons: dict[str, str] = field(default_factory=dict)
@@ -70,6 +73,13 @@ class SyncReport:
         if len(self.failed_reasons) < MAX_FAILED_REASONS:
             self.failed_reasons[key] = str(error) or type(error).__name__
 
+    def refuse(self, key: str, error: UnsafeKeyError) -> None:
+        shown = printable_key(key)
+        self.refused += 1
+        self.refused_keys.append(shown)
+        self.refused_reasons[shown] = {"status": error.status, "error": str(error)}
+        log.warning("refused '%s': %s", shown, error)  # not %r: it would double each backslash
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -83,7 +93,14 @@ class CachedObject:
 
 
 def is_image_key(key: str) -> bool:
-    return key.lower().endswith(IMAGE_EXTENSIONS)
+    """Whether ``key`` names an image darkroom can use. A file name that is not UTF-8 is
+    not one: it is skipped with a warning, so no planner hashes or reports it as text."""
+    if not key.lower().endswith(IMAGE_EXTENSIONS):
+        return False
+    if not key.isascii() and printable_key(key) != key:
+        log.warning("skipped '%s': the file name is not valid UTF-8: rename it", printable_key(key))
+        return False
+    return True
 
 
 def _manifest_path(cache_dir: Path, prefix: str) -> Path:
@@ -99,9 +116,28 @@ def load_manifest(cache_dir: Path, prefix: str) -> dict[str, CachedObject]:
     return {r["key"]: CachedObject(**r) for r in rows}
 
 
+def _refused_path(cache_dir: Path, prefix: str) -> Path:
+    return cache_dir / "refused" / _manifest_path(cache_dir, prefix).name
+
+
 def _save_manifest(cache_dir: Path, prefix: str, entries: dict[str, CachedObject]) -> None:
     rows = [asdict(entries[k]) for k in sorted(entries)]
     atomic_write_file(_manifest_path(cache_dir, prefix), json.dumps(rows).encode())
+
+
+def _save_refused(cache_dir: Path, prefix: str, refused: dict[str, dict[str, str]]) -> None:
+    # Kept beside the manifest so that the index reports them: a refusal is never lost.
+    path = _refused_path(cache_dir, prefix)
+    if refused:
+        atomic_write_file(path, json.dumps(refused).encode())
+    else:
+        path.unlink(missing_ok=True)
+
+
+def load_refused(cache_dir: Path, prefix: str) -> dict[str, dict[str, str]]:
+    """The objects the last sync of ``prefix`` refused: printable key -> status and error."""
+    path = _refused_path(Path(cache_dir), prefix)
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def cache_path(cache_dir: Path, key: str) -> Path:
@@ -159,20 +195,21 @@ def check_complete(report: SyncReport, where: str, max_failed_fraction: float = 
 
 
 def _list_safe(storage: Storage, prefix: str, key_filter, report: SyncReport) -> dict:
-    """The objects under ``prefix`` that pass ``key_filter``; unsafe keys are refused."""
+    """The objects under ``prefix`` that pass ``key_filter``; unsafe keys and file names that
+    are not UTF-8 are refused: counted and named in the report, never fetched."""
     listed: dict[str, ObjectInfo] = {}
     for obj in storage.list(prefix):
-        if not key_filter(obj.key):
-            continue
-        report.listed += 1
         try:
             check_key(obj.key)
-        except UnsafeKeyError:
-            report.refused += 1
-            report.refused_keys.append(obj.key)
-            log.warning("refused unsafe key %r", obj.key)
+        except UnsafeKeyError as e:
+            # Filtered as the name is shown: is_image_key itself skips an undecodable name.
+            if key_filter(printable_key(obj.key)):
+                report.listed += 1
+                report.refuse(obj.key, e)
             continue
-        listed[obj.key] = obj
+        if key_filter(obj.key):
+            report.listed += 1
+            listed[obj.key] = obj
     return listed
 
 
@@ -213,6 +250,7 @@ def sync_prefix(
         if storage.local_path(key) is None:  # only ever delete our own cached copy
             Path(old[key].path).unlink(missing_ok=True)
     _save_manifest(cache_dir, prefix, entries)
+    _save_refused(cache_dir, prefix, report.refused_reasons)
     log.info(report.summary())
     return report, entries
 
@@ -244,9 +282,8 @@ def fetch_objects(
             obj = futures[fut]
             try:
                 entry = fut.result()
-            except UnsafeKeyError:
-                report.refused += 1
-                report.refused_keys.append(obj.key)
+            except UnsafeKeyError as e:
+                report.refuse(obj.key, e)
                 continue
             except Exception as e:  # the caller decides what a loss means (check_complete)
                 report.add_failure(obj.key, e)
