@@ -16,7 +16,7 @@ from darkroom.index import DatasetError, IndexResult
 from darkroom.promotion import METRICS_SHOWN
 from darkroom.storage import open_storage
 from darkroom.train import FoldSummary
-from tasks.common import run_name, visible_gpus
+from tasks.common import flow_options, visible_gpus
 from tasks.index import data_changes, rebuild_index
 from tasks.promotion import evaluate_candidate, promote_candidate
 from tasks.reporting import publish_data_changes, publish_retrain
@@ -24,12 +24,7 @@ from tasks.sync import sync_labeled
 from tasks.train import check_pretrained, finalize_candidate, train_fold
 
 
-@flow(
-    name="nightly-retrain",
-    flow_run_name=run_name("retrain"),
-    log_prints=True,
-    timeout_seconds=RETRAIN_TIMEOUT_SECONDS,
-)
+@flow(**flow_options("nightly-retrain", "retrain", RETRAIN_TIMEOUT_SECONDS))
 def nightly_retrain(config: RetrainConfig = RetrainConfig()) -> dict:
     """Retrains on the current labeled data and promotes the result only if it beats the
     champion on the same holdout. One retrain per storage root at a time (a lease)."""

@@ -9,7 +9,7 @@ from darkroom import layout, lease, registry
 from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
 from darkroom.scoring import ChunkResult, ScorePlan, chunk_id
 from darkroom.storage import open_storage
-from tasks.common import run_name
+from tasks.common import flow_options
 from tasks.reporting import publish_scoring
 from tasks.scoring import plan_chunks, score_chunk
 
@@ -18,12 +18,7 @@ class NoChampion(RuntimeError):
     pass
 
 
-@flow(
-    name="score-new-images",
-    flow_run_name=run_name("score"),
-    log_prints=True,
-    timeout_seconds=SCORE_TIMEOUT_SECONDS,
-)
+@flow(**flow_options("score-new-images", "score", SCORE_TIMEOUT_SECONDS))
 def score_new_images(config: ScoreConfig = ScoreConfig(), rescore: bool = False) -> dict:
     """Scores the incoming images no model has scored yet; with ``rescore``, every image the
     current champion has not scored (older versions' predictions stay)."""

@@ -12,15 +12,10 @@ from prefect.events import emit_event
 from darkroom.config import WATCH_TIMEOUT_SECONDS
 from darkroom.storage import open_storage
 from darkroom.watch import WatchConfig, check_incoming
-from tasks.common import run_name
+from tasks.common import flow_options
 
 
-@flow(
-    name="watch-incoming",
-    flow_run_name=run_name("watch"),
-    log_prints=True,
-    timeout_seconds=WATCH_TIMEOUT_SECONDS,
-)
+@flow(**flow_options("watch-incoming", "watch", WATCH_TIMEOUT_SECONDS))
 def watch_incoming(config: WatchConfig = WatchConfig()) -> dict:
     """Lists incoming/ and emits darkroom.images.arrived with the count of new images, only
     when there are new ones."""

@@ -110,6 +110,17 @@ def log_progress(what: str, every: int = 10):
     return cb
 
 
+def flow_options(name: str, kind: str, timeout_seconds: float) -> dict:
+    """What every darkroom flow is declared with: its name, run names of ``kind`` (see
+    run_name), prints as logs, and a timeout for the whole run."""
+    return {
+        "name": name,
+        "flow_run_name": run_name(kind),
+        "log_prints": True,
+        "timeout_seconds": timeout_seconds,
+    }
+
+
 def run_name(kind: str) -> Callable[[], str]:
     """A ``flow_run_name`` callable: ``<kind>-<what>-<UTC time>``, e.g.
     ``retrain-resnet18-5folds-6ep-20261123T020000Z`` or ``score-20261123T020000Z``. Names are

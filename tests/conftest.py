@@ -9,23 +9,14 @@ import numpy as np
 import pytest
 
 from darkroom.config import TrainConfig
-from darkroom.demo import digit_png
+from darkroom.demo import DEMO_TRAIN, digit_png
 from darkroom.storage import LocalStorage, Storage
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # Small and fast on a 2-core CPU: timm's tiny test model at 32 px.
-TINY = TrainConfig.model_validate(
-    dict(
-        backbone="test_resnet",
-        pretrained=False,
-        image_size=32,
-        batch_size=32,
-        epochs=1,
-        lr=2e-3,
-        folds=2,
-        augment="none",
-    )
+TINY = DEMO_TRAIN.model_copy(
+    update={"backbone": "test_resnet", "batch_size": 32, "epochs": 1, "folds": 2}
 )
 # TINY learns little in one epoch (a coin toss on a 6-image holdout), which the promotion gate
 # rightly refuses as a first champion; tests that need a champion train this one.
