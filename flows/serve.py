@@ -180,11 +180,16 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def _watch_server(server: subprocess.Popen, died: threading.Event, grace: float = 20) -> None:
+def _watch_server(
+    server: subprocess.Popen, died: threading.Event, stopping: threading.Event, grace: float = 20
+) -> None:
     """Stops darkroom serve when the Prefect server it started dies, so that a supervisor
-    restarts both: SIGTERM to this process, and a hard exit if that has not ended it."""
+    restarts both: SIGTERM to this process, and a hard exit if that has not ended it. A server
+    that serve itself is stopping (``stopping``) did not die."""
     while server.poll() is None:
         time.sleep(1)
+    if stopping.is_set():
+        return
     died.set()
     print(
         f"the Prefect server (pid {server.pid}) exited with code {server.returncode}: "
@@ -241,9 +246,10 @@ def serve(
 
     api_url, ui_url, server = _find_or_start_server(port)
     os.environ["PREFECT_API_URL"] = api_url
-    died = threading.Event()
+    died, stopping = threading.Event(), threading.Event()
     if server is not None:
-        threading.Thread(target=_watch_server, args=(server, died), daemon=True).start()
+        watch = threading.Thread(target=_watch_server, args=(server, died, stopping), daemon=True)
+        watch.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             _serve_deployments(
@@ -257,6 +263,7 @@ def serve(
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        stopping.set()
         if server is not None and not died.is_set():
             print("stopping the Prefect server", flush=True)
             stop_process_group(server)
