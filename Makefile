@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo ui test test-fast lint format clean
+.PHONY: demo ui test test-fast bench lint format clean
 
 # Installs the exact versions of constraints.txt (see docs/dependencies.md); reinstalls when
 # either file changes.
@@ -31,6 +31,11 @@ test: $(STAMP)
 ## Skip the tests marked slow
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+## Measure throughput ratios side by side (training, scoring, sync, the demo's retrain);
+## writes benchmarks/results/bench-<host>-<date>.json. BENCH_ARGS=--quick for a short check.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
