@@ -73,7 +73,7 @@ def describe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
             height=header.height,
             width=header.width,
             channels=header.channels,
-            format=Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg"),
+            format=header.format.lower().replace("jpeg", "jpg"),  # the bytes', not the name's
         )
         check_pixels(header.width, header.height, max_pixels)
         check_decodable(raw, header)
