@@ -3,6 +3,7 @@ scored, score them in chunks, one Parquet file per chunk under predictions/<vers
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -44,25 +45,28 @@ def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
         raise NoChampion(f"no champion at {storage.url(layout.CHAMPION)}: run a retrain first")
     version = champion["version"]  # read once: a promotion mid-run does not mix versions
     plan = StreamedPlan(storage, version, config.chunk_size, rescore)
-    limit = chunks_in_flight(config)
-    score = score_chunk.with_options(timeout_seconds=config.chunk_timeout_seconds)
-    refs = {"config": for_workers(config), "version": version}
-    calls = ({**refs, "chunk_id": chunk_id(c), "items": c} for c in plan.chunks())
+    chunks = plan.chunks()
+    first = next(chunks, None)  # nothing to score: no runner (no Ray) is started
     summary = Summary(version)
-    with task_runner(config) as runner:
-        resources = chunk_resources(config, limit)
-        for future in submit_bounded(runner, score, calls, limit, resources):
-            summary.add(future.result())
+    if first is not None:
+        score = score_chunk.with_options(timeout_seconds=config.chunk_timeout_seconds)
+        refs = {"config": for_workers(config), "version": version}
+        calls = (
+            {**refs, "chunk_id": chunk_id(c), "items": c} for c in itertools.chain([first], chunks)
+        )
+        with task_runner(config) as runner:
+            limit = chunks_in_flight(config)  # on Ray: from the cluster, once connected
+            resources = chunk_resources(config, limit)
+            for future in submit_bounded(runner, score, calls, limit, resources):
+                summary.add(future.result())
+            get_run_logger().info("scored %d chunks, at most %d at once", summary.chunks, limit)
     result = summary.as_dict(plan)
     get_run_logger().info(
-        "champion %s: %d incoming, %d already scored, %d scored now in %d chunks (at most %d "
-        "at once), %d failed",
+        "champion %s: %d incoming, %d already scored, %d scored now, %d failed",
         version,
         plan.incoming,
         plan.already_scored,
         result["scored"],
-        result["chunks"],
-        limit,
         result["failed"],
     )
     publish_scoring(result)

@@ -13,10 +13,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL
 
-from darkroom import registry
+from darkroom import layout, registry
 from darkroom.config import RetrainConfig, ScoreConfig
 from darkroom.scoring import read_predictions
-from flows.score import score_new_images
+from darkroom.storage import LocalStorage
+from flows.score import StreamedPlan, score_new_images
 from tasks.runners import submit_bounded, task_runner
 from tests.conftest import TINY, train_candidate, write_digits
 
@@ -103,3 +104,30 @@ def test_scoring_never_runs_more_chunks_than_max_chunks_in_flight(local_storage,
     chunks = [r for r in runs if r["name"].startswith("score-chunk-")]
     assert len(chunks) == 6 and all(r["state_type"] == "COMPLETED" for r in chunks)
     assert 1 <= _overlap_peak(chunks) <= 2
+
+
+class CountingStorage(LocalStorage):
+    """A local root that counts the incoming/ entries its listing has handed out."""
+
+    listed = 0
+
+    def list(self, prefix: str = ""):
+        for obj in super().list(prefix):
+            if prefix == layout.INCOMING:
+                self.listed += 1
+            yield obj
+
+
+def test_the_plan_takes_the_listing_only_as_far_as_the_chunks_it_hands_out(tmp_path):
+    storage = CountingStorage(tmp_path / "bucket")
+    write_digits(storage, classes=("0",), per_class=1, incoming=10)
+    storage.put_source_object("incoming/notes.txt", b"not an image")
+    plan = StreamedPlan(storage, "v1", chunk_size=3, rescore=False)
+    chunks = plan.chunks()
+    first = next(chunks)
+    assert len(first) == 3 and storage.listed == 3  # nothing listed beyond the first chunk
+    rest = list(chunks)
+    assert [len(c) for c in rest] == [3, 3, 1] and storage.listed == 11
+    assert (plan.incoming, plan.already_scored, plan.to_score) == (10, 0, 10)
+    keys = [k for c in [first, *rest] for k, _ in c]
+    assert keys == sorted(keys) and len(set(keys)) == 10  # each pair in exactly one chunk
