@@ -16,10 +16,17 @@ from darkroom.index import DatasetError, IndexResult
 from darkroom.promotion import METRICS_SHOWN
 from darkroom.storage import open_storage
 from darkroom.train import FoldSummary
-from tasks.common import flow_options, visible_gpus
+from tasks.common import ensure_gpu_limit, flow_options, visible_gpus
 from tasks.index import data_changes, rebuild_index
 from tasks.promotion import evaluate_candidate, promote_candidate
 from tasks.reporting import publish_data_changes, publish_retrain
+from tasks.runners import (
+    fold_resources,
+    folds_in_flight,
+    for_workers,
+    submit_bounded,
+    task_runner,
+)
 from tasks.sync import sync_labeled
 from tasks.train import check_pretrained, finalize_candidate, train_fold
 
@@ -92,16 +99,25 @@ def candidate_version(config: RetrainConfig, index: IndexResult) -> str | None:
 
 def train_folds(config: RetrainConfig, snapshot: str, version: str) -> list[FoldSummary]:
     """Every fold, then the refit when ``final_model="refit"`` (fold number K: every train
-    row, no validation). With several GPUs the folds run at once, one per GPU."""
-    k = config.train.folds
+    row, no validation), through the configured task runner: at most ``folds_in_flight`` at
+    once, each on a GPU of its own where there are GPUs (Ray: one GPU per fold; threads: a
+    slot of the ``darkroom-gpu`` limit and a GPU lock)."""
+    k, limit = config.train.folds, folds_in_flight(config)
     train = train_fold.with_options(timeout_seconds=config.fold_timeout_seconds)
-    if visible_gpus(config.device) > 1:  # one fold per GPU at a time: the darkroom-gpu limit
-        futures = [train.submit(config, snapshot, version, f) for f in range(k)]
-        folds = [f.result() for f in futures]
-    else:
-        folds = [train(config, snapshot, version, f) for f in range(k)]
-    if config.train.final_model == "refit":
-        train(config, snapshot, version, k)
+    refs = {"config": for_workers(config), "snapshot": snapshot, "version": version}
+    if config.task_runner == "threads" and visible_gpus(config.device):
+        ensure_gpu_limit(limit)  # sized from config, unless the operator made one
+    with task_runner(config) as runner:
+        resources = fold_resources(config)
+
+        def run(numbers: range) -> list[FoldSummary]:
+            calls = ({**refs, "fold": f} for f in numbers)
+            done = submit_bounded(runner, train, calls, limit, resources)
+            return sorted((f.result() for f in done), key=lambda s: s.fold)
+
+        folds = run(range(k))
+        if config.train.final_model == "refit":
+            run(range(k, k + 1))
     return folds
 
 

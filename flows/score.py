@@ -3,15 +3,27 @@ scored, score them in chunks, one Parquet file per chunk under predictions/<vers
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
 from prefect import flow, get_run_logger
 
 from darkroom import layout, lease, registry
 from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
-from darkroom.scoring import ChunkResult, ScorePlan, chunk_id
-from darkroom.storage import open_storage
+from darkroom.scoring import ChunkResult, chunk_id, scored_pairs
+from darkroom.storage import Storage, open_storage
+from darkroom.sync import is_image_key
 from tasks.common import flow_options
 from tasks.reporting import publish_scoring
-from tasks.scoring import plan_chunks, score_chunk
+from tasks.runners import (
+    chunk_resources,
+    chunks_in_flight,
+    for_workers,
+    submit_bounded,
+    task_runner,
+)
+from tasks.scoring import score_chunk
 
 
 class NoChampion(RuntimeError):
@@ -27,46 +39,116 @@ def score_new_images(config: ScoreConfig = ScoreConfig(), rescore: bool = False)
         return _score(storage, config, rescore)
 
 
-def _score(storage, config: ScoreConfig, rescore: bool) -> dict:
+def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
     champion, _ = registry.read_champion(storage)
     if champion is None:
         raise NoChampion(f"no champion at {storage.url(layout.CHAMPION)}: run a retrain first")
     version = champion["version"]  # read once: a promotion mid-run does not mix versions
-    plan = plan_chunks(config, version, rescore)
+    plan = StreamedPlan(storage, version, config.chunk_size, rescore)
+    chunks = plan.chunks()
+    first = next(chunks, None)  # nothing to score: no runner (no Ray) is started
+    summary = Summary(version)
+    if first is not None:
+        score = score_chunk.with_options(timeout_seconds=config.chunk_timeout_seconds)
+        refs = {"config": for_workers(config), "version": version}
+        calls = (
+            {**refs, "chunk_id": chunk_id(c), "items": c} for c in itertools.chain([first], chunks)
+        )
+        with task_runner(config) as runner:
+            limit = chunks_in_flight(config)  # on Ray: from the cluster, once connected
+            resources = chunk_resources(config, limit)
+            for future in submit_bounded(runner, score, calls, limit, resources):
+                summary.add(future.result())
+            get_run_logger().info("scored %d chunks, at most %d at once", summary.chunks, limit)
+    result = summary.as_dict(plan)
     get_run_logger().info(
-        "champion %s: %d incoming, %d already scored, %d to score in %d chunks",
+        "champion %s: %d incoming, %d already scored, %d scored now, %d failed",
         version,
         plan.incoming,
         plan.already_scored,
-        plan.to_score,
-        len(plan.chunks),
+        result["scored"],
+        result["failed"],
     )
-    score = score_chunk.with_options(timeout_seconds=config.chunk_timeout_seconds)
-    futures = [score.submit(config, version, chunk_id(c), c) for c in plan.chunks]
-    summary = summarize_run(version, plan, [f.result() for f in futures])
-    publish_scoring(summary)
-    return summary
+    publish_scoring(result)
+    return result
 
 
-def summarize_run(version: str, plan: ScorePlan, results: list[ChunkResult]) -> dict:
-    per_class: dict[str, int] = {}
-    for r in results:
+@dataclass
+class StreamedPlan:
+    """The chunks of one scoring run, made while ``incoming/`` is listed (page by page on
+    S3): a chunk is handed out as soon as it is full, so the run holds the pairs already
+    scored plus the chunks in flight, not the whole listing. Counts fill in as it goes."""
+
+    storage: Storage
+    version: str
+    chunk_size: int
+    rescore: bool
+    incoming: int = 0
+    already_scored: int = 0
+
+    @property
+    def to_score(self) -> int:
+        return self.incoming - self.already_scored
+
+    def chunks(self) -> Iterator[list[tuple[str, str]]]:
+        done = scored_pairs(self.storage, self.version)
+        if not self.rescore:
+            done |= scored_pairs(self.storage, None)
+        chunk: list[tuple[str, str]] = []
+        for obj in self.storage.list(layout.INCOMING):
+            if not is_image_key(obj.key):
+                continue
+            self.incoming += 1
+            if (obj.key, obj.etag) in done:
+                self.already_scored += 1
+                continue
+            chunk.append((obj.key, obj.etag))
+            if len(chunk) == self.chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+@dataclass
+class Summary:
+    """The run's totals, added up one chunk result at a time."""
+
+    version: str
+    scored: int = 0
+    failed: int = 0
+    low_confidence: int = 0
+    unfetched: int = 0
+    chunks: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def add(self, r: ChunkResult) -> None:
+        self.scored += r.images
+        self.failed += r.failed
+        self.low_confidence += r.low_confidence
+        self.unfetched += r.unfetched
+        self.chunks += 1
         for label, n in r.per_class.items():
-            per_class[label] = per_class.get(label, 0) + n
-    return {
-        "version": version,
-        "incoming": plan.incoming,
-        "already_scored": plan.already_scored,
-        "to_score": plan.to_score,
-        "scored": sum(r.images for r in results),
-        "failed": sum(r.failed for r in results),
-        "low_confidence": sum(r.low_confidence for r in results),
-        # not fetched: no row was written, so the next run scores them
-        "unfetched": sum(r.unfetched for r in results),
-        "chunks": len(results),
-        "per_class": dict(sorted(per_class.items())),
-        "files": [r.key for r in results if r.key],
-    }
+            self.per_class[label] = self.per_class.get(label, 0) + n
+        if r.key:
+            self.files.append(r.key)
+
+    def as_dict(self, plan: StreamedPlan) -> dict:
+        return {
+            "version": self.version,
+            "incoming": plan.incoming,
+            "already_scored": plan.already_scored,
+            "to_score": plan.to_score,
+            "scored": self.scored,
+            "failed": self.failed,
+            "low_confidence": self.low_confidence,
+            # not fetched: no row was written, so the next run scores them
+            "unfetched": self.unfetched,
+            "chunks": self.chunks,
+            "per_class": dict(sorted(self.per_class.items())),
+            "files": sorted(self.files),
+        }
 
 
 if __name__ == "__main__":

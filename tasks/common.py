@@ -199,10 +199,11 @@ def ensure_gpu_limit(slots: int, name: str = GPU_LIMIT) -> bool:
 
 @contextmanager
 def gpu_slot(device: str = "auto", poll_seconds: float = 0.5) -> Iterator[str]:
-    """The device one fold trains on. With GPUs (``auto``/``cuda``): holds a slot of the
-    ``darkroom-gpu`` global limit, then the lock of a GPU no other fold on this machine holds,
-    and yields ``cuda:<i>``. Otherwise yields ``device`` unchanged."""
-    n = visible_gpus(device)
+    """The device one fold trains on. With GPUs (``auto``/``cuda``) in the thread pool: holds
+    a slot of the ``darkroom-gpu`` global limit, then the lock of a GPU no other fold on this
+    machine holds, and yields ``cuda:<i>``. On a Ray worker, Ray has given the task its GPU
+    (the only one CUDA shows it), and on a CPU: yields ``device`` unchanged."""
+    n = 0 if on_ray_worker() else visible_gpus(device)
     if n == 0:
         yield device
         return
@@ -248,3 +249,11 @@ def _gpu_name(i: int) -> str:
         return f"gpu-{torch.cuda.get_device_properties(i).uuid}"
     except Exception:  # no CUDA here (tests), or an old torch without uuid
         return f"gpu-{i}"
+
+
+def on_ray_worker() -> bool:
+    """True inside a Ray task (where Ray, not our locks, decides which GPU a task gets)."""
+    ray = sys.modules.get("ray")
+    return bool(
+        ray and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    )

@@ -163,6 +163,17 @@ class RuntimeConfig(StorageConfig):
         description="A DataLoader worker that returns no batch for this long fails the epoch "
         "(the fold's retry resumes from its checkpoint).",
     )
+    task_runner: Literal["threads", "ray"] = Field(
+        "threads",
+        description="Where folds and scoring chunks run: threads (Prefect's thread pool on "
+        "this machine) or ray (a Ray cluster through prefect-ray: one GPU per fold, a share of "
+        "one per scoring chunk).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="The Ray cluster for task_runner=ray (ray://HOST:10001, or auto). Empty: "
+        "$RAY_ADDRESS where the flow runs, else a local Ray instance started for the run.",
+    )
     max_image_pixels: int = Field(
         178_956_970,
         ge=1,
@@ -247,6 +258,12 @@ class RetrainConfig(RuntimeConfig):
         description="A fold still training after this long fails; its retry resumes from the "
         "last checkpoint.",
     )
+    max_folds_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Folds training at once. Empty: with threads, one per visible GPU (1 on "
+        "a CPU); with ray, every fold, as the cluster's GPUs allow.",
+    )
 
 
 class ScoreConfig(RuntimeConfig):
@@ -261,4 +278,11 @@ class ScoreConfig(RuntimeConfig):
     )
     chunk_timeout_seconds: int = Field(
         1800, ge=10, description="A scoring chunk still running after this long fails (retried)."
+    )
+    max_chunks_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Scoring chunks running at once; the next chunk is planned and submitted "
+        "as one finishes. Empty: one per GPU (threads: visible here; ray: the cluster's), "
+        "else one per CPU core.",
     )

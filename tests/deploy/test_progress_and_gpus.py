@@ -1,5 +1,5 @@
-"""Terminal progress (a bar with rate and ETA on a TTY, log lines in CI) and the GPU slots
-that keep folds one per GPU."""
+"""Terminal progress (a bar with rate and ETA on a TTY, log lines in CI), the GPU slots that
+keep folds one per GPU, and what folds and chunks ask of each task runner."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 import pytest
 
 import tasks.common as common
+import tasks.runners as runners
+from darkroom.config import RetrainConfig, ScoreConfig
 
 
 class Tty(io.StringIO):
@@ -97,3 +99,66 @@ def test_visible_gpus_follows_torch(monkeypatch, device):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert common.visible_gpus(device) == 4
     assert common.visible_gpus("cpu") == 0
+
+
+def test_on_a_ray_worker_a_fold_takes_neither_a_slot_nor_a_lock(monkeypatch):
+    """Ray gave the task its GPU (CUDA_VISIBLE_DEVICES): no global limit, no lock files."""
+    assert not common.on_ray_worker()  # this process is no Ray worker
+    monkeypatch.setattr(common, "visible_gpus", lambda device="auto": 2)
+    monkeypatch.setattr(common, "on_ray_worker", lambda: True)
+
+    def no_limit(*a, **k):
+        raise AssertionError("a Ray task must not touch the darkroom-gpu limit")
+
+    monkeypatch.setattr(common, "ensure_gpu_limit", no_limit)
+    with common.gpu_slot("auto") as dev:
+        assert dev == "auto"
+
+
+def test_folds_in_flight_from_config_gpus_or_one(monkeypatch):
+    monkeypatch.setattr(runners, "visible_gpus", lambda device="auto": 0)
+    assert runners.folds_in_flight(RetrainConfig()) == 1  # a CPU: one fold at a time
+    monkeypatch.setattr(runners, "visible_gpus", lambda device="auto": 4)
+    assert runners.folds_in_flight(RetrainConfig()) == 4
+    assert runners.folds_in_flight(RetrainConfig(max_folds_in_flight=2)) == 2
+    ray = RetrainConfig(task_runner="ray", train={"folds": 5})
+    assert runners.folds_in_flight(ray) == 5  # Ray's scheduler holds each to its GPU
+
+
+def test_chunks_in_flight_from_config_gpus_or_cores(monkeypatch):
+    monkeypatch.setattr(runners, "visible_gpus", lambda device="auto": 0)
+    monkeypatch.setattr(runners.os, "cpu_count", lambda: 6)
+    assert runners.chunks_in_flight(ScoreConfig()) == 6
+    monkeypatch.setattr(runners, "visible_gpus", lambda device="auto": 2)
+    assert runners.chunks_in_flight(ScoreConfig()) == 2
+    assert runners.chunks_in_flight(ScoreConfig(max_chunks_in_flight=3)) == 3
+    monkeypatch.setattr(runners, "ray_cluster", lambda device: (0, 16))
+    assert runners.chunks_in_flight(ScoreConfig(task_runner="ray")) == 16
+    monkeypatch.setattr(runners, "ray_cluster", lambda device: (4, 16))
+    assert runners.chunks_in_flight(ScoreConfig(task_runner="ray")) == 4
+
+
+def test_what_folds_and_chunks_ask_of_ray(monkeypatch):
+    monkeypatch.setattr(runners, "prefect_api_url", lambda: "http://prefect:4200/api")
+    env = {"env_vars": {"PREFECT_API_URL": "http://prefect:4200/api"}}
+    assert runners.fold_resources(RetrainConfig()) == {}  # threads: locks and the limit
+    assert runners.chunk_resources(ScoreConfig(), 4) == {}
+    monkeypatch.setattr(runners, "ray_cluster", lambda device: (2, 8))
+    fold = RetrainConfig(task_runner="ray", train={"folds": 4})
+    assert runners.fold_resources(fold) == {"num_gpus": 1, "runtime_env": env}
+    chunk = ScoreConfig(task_runner="ray")
+    assert runners.chunk_resources(chunk, 4) == {"num_gpus": 0.5, "runtime_env": env}
+    assert runners.chunk_resources(chunk, 6)["num_gpus"] == pytest.approx(1 / 3)
+    assert runners.chunk_resources(chunk, 1)["num_gpus"] == 1
+    monkeypatch.setattr(runners, "ray_cluster", lambda device: (0, 8))  # no GPU in the cluster
+    assert runners.fold_resources(fold) == {"num_cpus": 2, "runtime_env": env}
+    assert runners.chunk_resources(chunk, 3) == {"num_cpus": 2, "runtime_env": env}
+    assert runners.chunk_resources(chunk, 16)["num_cpus"] == 1
+
+
+def test_ray_cluster_counts_gpus_only_for_a_device_that_uses_them(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert runners.ray_cluster("auto") == runners.ray_cluster("cuda") == (2, 8)
+    assert runners.ray_cluster("cpu") == runners.ray_cluster("cuda:1") == (0, 8)
