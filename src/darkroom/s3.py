@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from darkroom.storage import (
@@ -30,6 +33,48 @@ BODY_BACKOFF_SECONDS = 0.2  # doubled after each broken read
 CHUNK_BYTES = 1 << 20  # a download's body is written this much at a time
 
 
+_session = None
+_session_lock = threading.Lock()  # a boto3 Session is not safe to build clients from at once
+
+
+def new_client(pool: int):
+    """An S3 client with ``pool`` connections, from darkroom's one boto3 session per process.
+
+    boto3 reads AWS_ENDPOINT_URL, the region and the credential chain itself when the client
+    is made. The session parses response timestamps with the standard library: every GET and
+    every listed object carries one, and dateutil's parser was a seventh of a download's CPU.
+    """
+    global _session
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    with _session_lock:
+        if _session is None:
+            core = botocore.session.get_session()
+            parsers = core.get_component("response_parser_factory")
+            parsers.set_parser_defaults(timestamp_parser=_timestamp)
+            _session = boto3.session.Session(botocore_session=core)
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=pool)
+        return _session.client("s3", config=config)
+
+
+def _timestamp(value) -> datetime:
+    """A timestamp of an S3 response: ISO 8601 in bodies, RFC 1123 in headers; anything else
+    (epoch seconds, a date without a zone) as botocore parses it."""
+    from botocore.utils import parse_timestamp
+
+    if isinstance(value, str):
+        try:
+            iso = value[:4].isdigit()
+            parsed = datetime.fromisoformat(value) if iso else parsedate_to_datetime(value)
+            if parsed.tzinfo is not None:
+                return parsed
+        except (ValueError, TypeError, IndexError):
+            pass
+    return parse_timestamp(value)
+
+
 class S3Storage(Storage):
     """An S3 bucket and prefix through boto3 (AWS, MinIO, or any endpoint in AWS_ENDPOINT_URL)."""
 
@@ -40,9 +85,6 @@ class S3Storage(Storage):
             pool: connections the client keeps open (default: the config's
                 download_concurrency, so that every download thread has one).
         """
-        import boto3
-        from botocore.config import Config
-
         from darkroom.config import RuntimeConfig
 
         self.bucket = bucket
@@ -50,13 +92,7 @@ class S3Storage(Storage):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.pool = pool or RuntimeConfig.model_fields["download_concurrency"].default
         self._wider: dict[int, S3Storage] = {}
-        # boto3 reads AWS_ENDPOINT_URL and the credential chain itself.
-        self.client = client or boto3.client(
-            "s3",
-            config=Config(
-                retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=self.pool
-            ),
-        )
+        self.client = client or new_client(self.pool)
         self._own_client = client is None
 
     def for_threads(self, threads: int) -> S3Storage:
@@ -238,7 +274,8 @@ class S3Storage(Storage):
         With ``expected`` (the listing's entry) the GET asks for that very version (If-Match).
         The file must have the size of the response and the listing, and its MD5 where the
         ETag is one; a body that breaks off or differs is fetched again."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.parent.is_dir():  # one stat: the folder is there for all but the first
+            dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
         url = self.url(key)
         try:
@@ -246,16 +283,18 @@ class S3Storage(Storage):
                 lambda: self._stream_to(key, tmp, expected), f"downloading {url}", "every time"
             )
             os.replace(tmp, dest)
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
 
     def _stream_to(self, key: str, tmp: Path, expected: ObjectInfo | None) -> None:
         conditions = {"IfMatch": f'"{expected.etag}"'} if expected else {}
         resp = self._get(key, **conditions)
-        md5 = hashlib.md5(usedforsecurity=False)
-        size = 0
+        body, md5, size = resp["Body"], hashlib.md5(usedforsecurity=False), 0
+        # A small body in one read: a sized read allocates (and zeroes) the size it asks for.
+        small = resp["ContentLength"] <= CHUNK_BYTES
         with open(tmp, "wb") as f:  # a retry starts the file over
-            for chunk in resp["Body"].iter_chunks(CHUNK_BYTES):
+            for chunk in [body.read()] if small else body.iter_chunks(CHUNK_BYTES):
                 f.write(chunk)
                 md5.update(chunk)
                 size += len(chunk)
