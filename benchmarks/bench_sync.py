@@ -106,25 +106,19 @@ def upload(n: int) -> None:
         list(pool.map(put, range(n)))
 
 
-def median_seconds(fn, runs: int = RUNS) -> float:
-    times = []
-    for i in range(runs):
-        start = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 class RequestCounter:
-    """Counts the HTTP requests every boto3 client made after it sends: by method, and LIST
-    for a GET of the bucket itself."""
+    """Counts the HTTP requests a boto3 client sends: by method, and LIST for a GET of the
+    bucket itself."""
 
-    def __init__(self):
-        import boto3
-
-        boto3.setup_default_session()  # clients copy the session's handlers when made
+    def __init__(self, client):
         self.counts: Counter[str] = Counter()
-        boto3.DEFAULT_SESSION.events.register("before-send.s3", self._count)
+        client.meta.events.register("before-send.s3", self._count)
 
     def _count(self, request, **_) -> None:
         from urllib.parse import urlsplit
@@ -132,97 +126,100 @@ class RequestCounter:
         bucket_only = urlsplit(request.url).path.strip("/").count("/") == 0
         self.counts["LIST" if request.method == "GET" and bucket_only else request.method] += 1
 
-    def take(self) -> dict[str, int]:
-        out = dict(self.counts)
+    def take(self, runs: int) -> dict[str, float]:
+        out = {k: v / runs for k, v in self.counts.items()}
         self.counts.clear()
         return out
 
 
-def time_aws_cli(endpoint: str, work: Path, n: int) -> tuple[float | None, str]:
-    """Median seconds of ``aws s3 sync`` into fresh folders, and what was run (or why not)."""
+def aws_cli_sync(endpoint: str, n: int):
+    """A function running ``aws s3 sync`` into a folder, and the CLI's version (or why not)."""
     aws = shutil.which("aws")
     if aws is None:
         return None, "aws CLI not installed (pip install awscli): not measured"
     env = {**os.environ, **AWS_ENV}
     env.pop("AWS_ENDPOINT_URL", None)  # named on the command line, as a user would
 
-    def sync(i: int) -> None:
-        dest = work / f"aws-{i}"
+    def sync(dest: Path) -> None:
         cmd = [aws, "s3", "sync", f"s3://{BUCKET}/{PREFIX}", str(dest), "--endpoint-url"]
         subprocess.run([*cmd, endpoint, "--only-show-errors"], env=env, check=True)
-        got = sum(1 for p in dest.rglob("*") if p.is_file())
-        assert got == n, f"aws s3 sync fetched {got} of {n} objects"
 
-    seconds = median_seconds(sync)
     version = subprocess.run([aws, "--version"], capture_output=True, text=True, env=env)
-    return seconds, (version.stdout or version.stderr).strip()
+    return sync, (version.stdout or version.stderr).strip()
 
 
-def time_darkroom(work: Path, n: int, counter: RequestCounter) -> dict:
+def measure(endpoint: str, work: Path, n: int) -> dict:
+    """Seconds of each run of the four, the aws CLI's and darkroom's first syncs taking turns
+    (and then the no-op resync and the listing): a change in the machine's load hits both
+    sides of a ratio alike."""
+    import boto3
+
     from darkroom.storage import open_storage
     from darkroom.sync import default_threads, sync_prefix
 
     storage = open_storage(f"s3://{BUCKET}")
-    counter.take()
-    caches = [work / f"darkroom-{i}" for i in range(RUNS)]
+    assert storage.for_threads(default_threads()) is storage  # the client counted is the one
+    counter = RequestCounter(storage.client)
+    aws, aws_cli = aws_cli_sync(endpoint, n)
+    seconds = {"aws_cli": [], "first_sync": [], "noop_sync": [], "list": []}
 
-    def first(i: int) -> None:
-        report, _ = sync_prefix(storage, PREFIX, caches[i])
+    def first(cache: Path) -> None:
+        report, _ = sync_prefix(storage, PREFIX, cache)
         assert report.new == n and report.failed == 0, report.summary()
 
-    first_seconds = median_seconds(first)
-    first_requests = counter.take()
+    for i in range(RUNS):
+        if aws:
+            seconds["aws_cli"].append(timed(aws, work / f"aws-{i}"))
+            got = sum(1 for p in (work / f"aws-{i}").rglob("*") if p.is_file())
+            assert got == n, f"aws s3 sync fetched {got} of {n} objects"
+        seconds["first_sync"].append(timed(first, work / f"darkroom-{i}"))
+    first_requests = counter.take(RUNS)
 
-    def noop(_: int) -> None:
-        report, _ = sync_prefix(storage, PREFIX, caches[-1])
+    def noop() -> None:
+        report, _ = sync_prefix(storage, PREFIX, work / "darkroom-0")
         assert report.unchanged == n, report.summary()
 
-    noop_seconds = median_seconds(noop)
+    client = boto3.client("s3")  # plain boto3, as anyone would list
+
+    def listing() -> None:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX)
+        assert sum(len(p.get("Contents", [])) for p in pages) == n
+
+    for _ in range(RUNS):
+        seconds["noop_sync"].append(timed(noop))
+        seconds["list"].append(timed(listing))
     return {
-        "first_sync_seconds": first_seconds,
-        "noop_sync_seconds": noop_seconds,
-        "first_sync_requests_per_run": {k: v / RUNS for k, v in first_requests.items()},
-        "noop_sync_requests_per_run": {k: v / RUNS for k, v in counter.take().items()},
+        "seconds": seconds,
+        "aws_cli": aws_cli,
+        "first_sync_requests_per_run": first_requests,
+        "noop_sync_requests_per_run": counter.take(RUNS),
         "threads": default_threads(),
         "pool_connections": storage.client.meta.config.max_pool_connections,
     }
 
 
-def time_listing(n: int) -> float:
-    import boto3
-
-    client = boto3.client("s3")
-
-    def listing(_: int) -> None:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=PREFIX)
-        assert sum(len(p.get("Contents", [])) for p in pages) == n
-
-    return median_seconds(listing)
-
-
 def run(quick: bool = False) -> dict:
     """Measures the four timings side by side and returns the two ratios (aws-cli seconds /
-    darkroom first-sync seconds; darkroom no-op seconds / listing seconds) and details."""
+    darkroom first-sync seconds; darkroom no-op seconds / listing seconds), each of medians,
+    and details."""
     n = 300 if quick else 5000
     with moto_endpoint() as endpoint, aws_env(endpoint), tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        counter = RequestCounter()
         upload(n)
-        aws_seconds, aws_cli = time_aws_cli(endpoint, work, n)
-        darkroom = time_darkroom(work, n, counter)
-        list_seconds = time_listing(n)
-    first, noop = darkroom["first_sync_seconds"], darkroom["noop_sync_seconds"]
+        found = measure(endpoint, Path(tmp), n)
+    median = {k: statistics.median(v) if v else None for k, v in found["seconds"].items()}
+    aws, first = median["aws_cli"], median["first_sync"]
     return {
-        "p4_initial_sync_vs_aws_cli": aws_seconds / first if aws_seconds else None,
-        "p4_noop_sync_vs_list": noop / list_seconds,
+        "p4_initial_sync_vs_aws_cli": aws / first if aws else None,
+        "p4_noop_sync_vs_list": median["noop_sync"] / median["list"],
         "details": {
             "objects": n,
             "object_bytes": OBJECT_BYTES,
             "runs_per_timing": RUNS,
-            "aws_cli_first_sync_seconds": aws_seconds,
-            "aws_cli": aws_cli,
-            "list_seconds": list_seconds,
-            **darkroom,
+            "aws_cli_first_sync_seconds": aws,
+            "first_sync_seconds": first,
+            "noop_sync_seconds": median["noop_sync"],
+            "list_seconds": median["list"],
+            **found,
             "moto": "ThreadedMotoServer on 127.0.0.1 in a child process",
             "cpus": os.cpu_count(),
         },
