@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from darkroom import layout
-from darkroom.config import RetrainConfig
+from darkroom.config import RetrainConfig, RuntimeConfig
 from darkroom.progress import Progress
 from darkroom.storage import (
     ObjectInfo,
@@ -299,10 +299,11 @@ def fetch_objects(
 
 def default_threads() -> int:
     """Download threads when the caller names none: the config's default, its one home."""
-    return RetrainConfig.model_fields["download_concurrency"].default
+    return RuntimeConfig.model_fields["download_concurrency"].default
 
 
 def _download_all(storage, objects, cache_dir: Path, report: SyncReport, threads, tick) -> dict:
+    """Downloads ``objects`` on ``threads`` threads; a loss is counted in ``report``."""
 
     def one(obj: ObjectInfo) -> CachedObject:
         dest = cache_path(cache_dir, obj.key)
