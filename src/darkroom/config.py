@@ -150,7 +150,12 @@ class RuntimeConfig(StorageConfig):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1...")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    download_concurrency: int = Field(16, ge=1, description="Parallel downloads from storage.")
+    download_concurrency: int = Field(
+        32,
+        ge=1,
+        description="Parallel downloads from S3 (one GET each) and the size of the S3 client's "
+        "connection pool; a local root is read in place, with no threads.",
+    )
     lease_seconds: int = Field(
         300,
         ge=10,

@@ -3,11 +3,15 @@ S3-compatible endpoint named in AWS_ENDPOINT_URL)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from darkroom.storage import (
@@ -26,23 +30,79 @@ DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", 
 # spent by then: read_bytes repeats the whole GET, with backoff, this many times at most.
 BODY_ATTEMPTS = 4
 BODY_BACKOFF_SECONDS = 0.2  # doubled after each broken read
+CHUNK_BYTES = 1 << 20  # a download's body is written this much at a time
+
+
+_session = None
+_session_lock = threading.Lock()  # a boto3 Session is not safe to build clients from at once
+
+
+def new_client(pool: int):
+    """An S3 client with ``pool`` connections, from darkroom's one boto3 session per process.
+
+    boto3 reads AWS_ENDPOINT_URL, the region and the credential chain itself when the client
+    is made. The session parses response timestamps with the standard library: every GET and
+    every listed object carries one, and dateutil's parser was a seventh of a download's CPU.
+    """
+    global _session
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    with _session_lock:
+        if _session is None:
+            core = botocore.session.get_session()
+            parsers = core.get_component("response_parser_factory")
+            parsers.set_parser_defaults(timestamp_parser=_timestamp)
+            _session = boto3.session.Session(botocore_session=core)
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=pool)
+        return _session.client("s3", config=config)
+
+
+def _timestamp(value) -> datetime:
+    """A timestamp of an S3 response: ISO 8601 in bodies, RFC 1123 in headers; anything else
+    (epoch seconds, a date without a zone) as botocore parses it."""
+    from botocore.utils import parse_timestamp
+
+    if isinstance(value, str):
+        try:
+            iso = value[:4].isdigit()
+            parsed = datetime.fromisoformat(value) if iso else parsedate_to_datetime(value)
+            if parsed.tzinfo is not None:
+                return parsed
+        except (ValueError, TypeError, IndexError):
+            pass
+    return parse_timestamp(value)
 
 
 class S3Storage(Storage):
     """An S3 bucket and prefix through boto3 (AWS, MinIO, or any endpoint in AWS_ENDPOINT_URL)."""
 
-    def __init__(self, bucket: str, prefix: str = "", client=None):
-        import boto3
-        from botocore.config import Config
+    def __init__(self, bucket: str, prefix: str = "", client=None, pool: int | None = None):
+        """
+        Args:
+            client: a boto3 S3 client to use as it is (tests: one that bypasses a proxy).
+            pool: connections the client keeps open (default: the config's
+                download_concurrency, so that every download thread has one).
+        """
+        from darkroom.config import RuntimeConfig
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        # boto3 reads AWS_ENDPOINT_URL and the credential chain itself.
-        self.client = client or boto3.client(
-            "s3",
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
-        )
+        self.pool = pool or RuntimeConfig.model_fields["download_concurrency"].default
+        self._wider: dict[int, S3Storage] = {}
+        self.client = client or new_client(self.pool)
+        self._own_client = client is None
+
+    def for_threads(self, threads: int) -> S3Storage:
+        """This root with a connection per thread: threads beyond the pool would wait for a
+        connection (and urllib3 would warn that its pool is full)."""
+        if threads <= self.pool or not self._own_client:
+            return self
+        if threads not in self._wider:  # one client per size, reused by later calls
+            self._wider[threads] = S3Storage(self.bucket, self.prefix, pool=threads)
+        return self._wider[threads]
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -83,6 +143,7 @@ class S3Storage(Storage):
                 "fix --storage (and AWS_ENDPOINT_URL)"
             )
         if code in DENIED:
+            code = "403" if code == "AccessDenied" else code  # what a HEAD (no body) says too
             return StorageSetupError(
                 f"access denied ({code}) to {self.uri} while trying to {what}: check the "
                 "credentials and the bucket policy"
@@ -127,27 +188,40 @@ class S3Storage(Storage):
             FileNotFoundError: no such object.
             StorageError: every attempt broke off (retriable later: the network is sick).
         """
+        url = self.url(key)
+        return self._body_retries(
+            lambda: self._get(key)["Body"].read(), f"reading {url}", f"{BODY_ATTEMPTS} times"
+        )
+
+    def _body_retries(self, attempt, what: str, how_often: str):
+        """``attempt()``, repeated with backoff while the body breaks off: boto's own retries
+        end when the response headers arrive, so they never see a body cut short."""
+        from botocore.exceptions import FlexibleChecksumError
         from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS  # what download_file retries
 
-        for attempt in range(1, BODY_ATTEMPTS + 1):
+        broken = (*S3_RETRYABLE_DOWNLOAD_ERRORS, FlexibleChecksumError, BodyMismatch)
+        for n in range(1, BODY_ATTEMPTS + 1):
             try:
-                return self._get_body(key)
-            except S3_RETRYABLE_DOWNLOAD_ERRORS as e:
+                return attempt()
+            except broken as e:
                 error = e
-                log.info("reading %s broke off (%s), attempt %d", self.url(key), e, attempt)
-                if attempt < BODY_ATTEMPTS:
-                    time.sleep(BODY_BACKOFF_SECONDS * 2 ** (attempt - 1))
-        raise StorageError(
-            f"reading {self.url(key)} broke off {BODY_ATTEMPTS} times in a row: {error}"
-        ) from error
+                log.info("%s broke off (%s), attempt %d", what, e, n)
+                if n < BODY_ATTEMPTS:
+                    time.sleep(BODY_BACKOFF_SECONDS * 2 ** (n - 1))
+        raise StorageError(f"{what} broke off {how_often} in a row: {error}") from error
 
-    def _get_body(self, key: str) -> bytes:
+    def _get(self, key: str, **conditions) -> dict:
+        """One GET of ``key`` (its body still unread), with darkroom's errors."""
         ClientError, _ = self._errors()
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **conditions)
         except ClientError as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            if _code(e) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+            if "IfMatch" in conditions and _code(e) in ("PreconditionFailed", "412"):
+                raise StorageError(
+                    f"{self.url(key)} changed since it was listed: the next sync fetches it"
+                ) from e
             raise self.storage_error(e, f"read {key}") from e
 
     def head(self, key: str) -> dict | None:
@@ -195,25 +269,54 @@ class S3Storage(Storage):
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    def download(self, key: str, dest: Path) -> None:
-        from boto3.exceptions import RetriesExceededError  # download_file gave up
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    def download(self, key: str, dest: Path, expected: ObjectInfo | None = None) -> None:
+        """One GET streamed to a temp file beside ``dest``, checked, then renamed: no HEAD.
+        With ``expected`` (the listing's entry) the GET asks for that very version (If-Match).
+        The file must have the size of the response and the listing, and its MD5 where the
+        ETag is one; a body that breaks off or differs is fetched again."""
+        if not dest.parent.is_dir():  # one stat: the folder is there for all but the first
+            dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+        url = self.url(key)
         try:
-            # s3transfer repeats a GET whose body breaks off (5 attempts) by itself.
-            self.client.download_file(self.bucket, self._key(key), str(tmp))
+            self._body_retries(
+                lambda: self._stream_to(key, tmp, expected), f"downloading {url}", "every time"
+            )
             os.replace(tmp, dest)
-        except RetriesExceededError as e:
-            raise StorageError(
-                f"downloading {self.url(key)} broke off every time: {e.last_exception}"
-            ) from e
-        except self._errors() as e:
-            if _code(e) in ("NoSuchKey", "404"):
-                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-            raise self.storage_error(e, f"read {key}") from e
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+
+    def _stream_to(self, key: str, tmp: Path, expected: ObjectInfo | None) -> None:
+        conditions = {"IfMatch": f'"{expected.etag}"'} if expected else {}
+        resp = self._get(key, **conditions)
+        body, md5, size = resp["Body"], hashlib.md5(usedforsecurity=False), 0
+        # A small body in one read: a sized read allocates (and zeroes) the size it asks for.
+        small = resp["ContentLength"] <= CHUNK_BYTES
+        with open(tmp, "wb") as f:  # a retry starts the file over
+            for chunk in [body.read()] if small else body.iter_chunks(CHUNK_BYTES):
+                f.write(chunk)
+                md5.update(chunk)
+                size += len(chunk)
+        # The listing's size (0: not known, as for scoring's keys) and the response's agree:
+        # If-Match pinned the version.
+        want = {resp["ContentLength"]} | ({expected.size} if expected and expected.size else set())
+        if want != {size}:
+            raise BodyMismatch(f"got {size} bytes of {self.url(key)}, expected {max(want)}")
+        etag = resp.get("ETag", "").strip('"')
+        if _is_md5_etag(etag, resp) and md5.hexdigest() != etag:
+            raise BodyMismatch(f"the bytes of {self.url(key)} do not match its ETag {etag}")
+
+
+class BodyMismatch(StorageError):
+    """A downloaded body whose size or MD5 is not the object's: fetched again."""
+
+
+def _is_md5_etag(etag: str, resp: dict) -> bool:
+    """Whether ``etag`` is the MD5 of the body: a single-part upload stored without KMS or a
+    customer key (those, and multipart uploads, have ETags of another kind)."""
+    encrypted = resp.get("SSECustomerAlgorithm") or "kms" in resp.get("ServerSideEncryption", "")
+    return len(etag) == 32 and not encrypted and all(c in "0123456789abcdef" for c in etag)
 
 
 def _code(e: Exception) -> str:

@@ -163,10 +163,14 @@ class Storage:
         """The current etag of ``key``, or None when absent."""
         raise NotImplementedError
 
-    def download(self, key: str, dest: Path) -> None:
-        """Copies ``key`` to ``dest`` atomically (temp file, then rename)."""
-        data = self.read_bytes(key)
-        atomic_write_file(dest, data)
+    def download(self, key: str, dest: Path, expected: ObjectInfo | None = None) -> None:
+        """Copies ``key`` to ``dest`` atomically (temp file, then rename); ``expected``, the
+        listing's entry, lets a backend check that it got that very version."""
+        atomic_write_file(dest, self.read_bytes(key))
+
+    def for_threads(self, threads: int) -> Storage:
+        """This root, able to serve ``threads`` requests at once (S3: a pool that large)."""
+        return self
 
     def local_path(self, key: str) -> Path | None:
         """A path to read ``key`` in place, when the backend is a local folder."""
@@ -350,9 +354,6 @@ class LocalStorage(Storage):
             os.utime(path, ns=(st.st_atime_ns, before + 1))
             st = path.stat()
         return self._etag_of(st)
-
-    def download(self, key: str, dest: Path) -> None:
-        atomic_write_file(dest, self.read_bytes(key))
 
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

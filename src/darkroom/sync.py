@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from darkroom import layout
-from darkroom.config import RetrainConfig
+from darkroom.config import RetrainConfig, RuntimeConfig
 from darkroom.progress import Progress
 from darkroom.storage import (
     ObjectInfo,
@@ -218,7 +218,7 @@ def sync_prefix(
     prefix: str,
     cache_dir: str | Path,
     *,
-    concurrency: int = 16,
+    concurrency: int | None = None,
     key_filter: Callable[[str], bool] = is_image_key,
     progress: Progress = None,
 ) -> tuple[SyncReport, dict[str, CachedObject]]:
@@ -260,40 +260,71 @@ def fetch_objects(
     objects: Iterable[ObjectInfo],
     cache_dir: Path,
     report: SyncReport | None = None,
-    concurrency: int = 16,
+    concurrency: int | None = None,
     progress: Progress = None,
 ) -> dict[str, CachedObject]:
-    """Downloads ``objects`` into the cache concurrently (read in place for a local root)."""
+    """Downloads ``objects`` into the cache, ``concurrency`` at a time (default: the config's
+    ``download_concurrency``), one GET each, checked against its listing entry. A local root
+    is read in place: nothing is copied and no thread is started."""
     objects = list(objects)
     report = report or SyncReport(prefix="")
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, len(objects))
+
     out: dict[str, CachedObject] = {}
+    remote: list[ObjectInfo] = []
+    for obj in objects:
+        try:
+            local = storage.local_path(obj.key)
+        except UnsafeKeyError as e:
+            report.refuse(obj.key, e)
+            tick()
+            continue
+        if local is None:
+            remote.append(obj)
+            continue
+        out[obj.key] = CachedObject(obj.key, obj.etag, obj.size, str(local))
+        tick()
+    if remote:
+        threads = min(concurrency or default_threads(), len(remote))
+        remote_storage = storage.for_threads(threads)
+        out.update(_download_all(remote_storage, remote, cache_dir, report, threads, tick))
+    return out
+
+
+def default_threads() -> int:
+    """Download threads when the caller names none: the config's default, its one home."""
+    return RuntimeConfig.model_fields["download_concurrency"].default
+
+
+def _download_all(storage, objects, cache_dir: Path, report: SyncReport, threads, tick) -> dict:
+    """Downloads ``objects`` on ``threads`` threads; a loss is counted in ``report``."""
 
     def one(obj: ObjectInfo) -> CachedObject:
-        local = storage.local_path(obj.key)
-        if local is not None:
-            return CachedObject(obj.key, obj.etag, obj.size, str(local))
         dest = cache_path(cache_dir, obj.key)
-        storage.download(obj.key, dest)
+        storage.download(obj.key, dest, obj)
         return CachedObject(obj.key, obj.etag, obj.size, str(dest))
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    out = {}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = {pool.submit(one, o): o for o in objects}
-        for done, fut in enumerate(as_completed(futures), 1):
+        for fut in as_completed(futures):
             obj = futures[fut]
             try:
-                entry = fut.result()
+                out[obj.key] = fut.result()
             except UnsafeKeyError as e:
                 report.refuse(obj.key, e)
-                continue
             except Exception as e:  # the caller decides what a loss means (check_complete)
                 report.add_failure(obj.key, e)
                 log.warning("could not fetch %s: %s", obj.key, e)
-                continue
-            out[obj.key] = entry
-            if storage.local_path(obj.key) is None:
+            else:
                 report.downloaded_bytes += obj.size
-            if progress:
-                progress(done, len(futures))
+            tick()
     return out
 
 

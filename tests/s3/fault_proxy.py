@@ -15,6 +15,12 @@ the same RNG), so every kind shows up:
   the body, then the connection closes.
 - ``lost`` (not in the default kinds): the request reaches the server, then the socket is
   reset: the client cannot tell whether a write happened.
+- ``corrupt`` (GETs only, not in the default kinds): the full body with its first byte
+  changed and without the ``x-amz-checksum-*`` headers (as for an object uploaded without a
+  checksum): only a check against the ETag can tell.
+
+``calls()`` counts the requests by what they asked of S3 (GET, HEAD, PUT... and LIST for a
+GET of the bucket itself), as they arrived, faulted or not: what a client really sends.
 
 ``fail_keys`` makes every GET or HEAD of the named object keys fail with a fixed status (403
 AccessDenied, 500 InternalError...), whatever the rate. Everything stays on 127.0.0.1, every
@@ -33,7 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 FAULTS = ("slowdown", "reset", "truncate")
-KNOWN_FAULTS = (*FAULTS, "lost")
+KNOWN_FAULTS = (*FAULTS, "lost", "corrupt")
+BODY_FAULTS = ("truncate", "corrupt")  # need a body to spoil: GETs only
 DECK = 50  # requests per shuffled deck of fault positions
 ERROR_CODES = {
     403: ("AccessDenied", "Access Denied"),
@@ -88,7 +95,9 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self._deck: list[bool] = []
         self.fail_keys: dict[str, int] = {}
+        self.only: tuple[str, ...] = ()  # empty: every request kind
         self.counts: Counter[str] = Counter()
+        self._calls: Counter[str] = Counter()
         self.max_requests, self.timeout = max_requests, timeout
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -107,11 +116,16 @@ class FaultProxy:
         self.server.server_close()
         self._thread.join(10)
 
-    def configure(self, *, rate: float | None = None, seed: int | None = None, kinds=None) -> None:
-        """Changes the fault rate, kinds or seed and starts a new deck (counters are kept)."""
+    def configure(
+        self, *, rate: float | None = None, seed: int | None = None, kinds=None, only=None
+    ) -> None:
+        """Changes the fault rate, kinds or seed and starts a new deck (counters are kept).
+        ``only``: the request kinds (as ``calls()`` names them) that may get a random fault,
+        e.g. ``("GET",)`` to spare the listings; None: all of them."""
         with self.lock:
             self.rate = self.rate if rate is None else rate
             self.kinds = self.kinds if kinds is None else tuple(kinds)
+            self.only = self.only if only is None else tuple(only)
             if seed is not None:
                 self.seed, self.rng = seed, random.Random(seed)
             self._deck = []
@@ -120,6 +134,11 @@ class FaultProxy:
         """Injected faults by kind (random ones; forced ones are ``forced_<status>``)."""
         with self.lock:
             return {k: v for k, v in self.counts.items() if k != "requests"}
+
+    def calls(self) -> dict[str, int]:
+        """Requests by kind: the HTTP method, or LIST for a GET of a bucket (a listing)."""
+        with self.lock:
+            return dict(self._calls)
 
     @property
     def requests(self) -> int:
@@ -130,22 +149,26 @@ class FaultProxy:
         the fault."""
         with self.lock:
             self.counts["requests"] += 1
-            fault = self._pick(method, unquote(urlsplit(path).path))
+            path = unquote(urlsplit(path).path)
+            bucket_only = path.strip("/").count("/") == 0
+            kind = "LIST" if method == "GET" and bucket_only else method
+            self._calls[kind] += 1
+            fault = self._pick(method, path, kind)
             if fault:
                 self.counts[fault] += 1
             return fault
 
-    def _pick(self, method: str, path: str) -> str | None:
+    def _pick(self, method: str, path: str, kind: str) -> str | None:
         if self.counts["requests"] > self.max_requests:
             return "budget"
         if method in ("GET", "HEAD"):
             for name, status in self.fail_keys.items():
                 if path.endswith("/" + name):
                     return f"forced_{status}"
-        if not self._fault_due():
+        if self.only and kind not in self.only or not self._fault_due():
             return None
-        # A cut body needs a body: writes and HEADs answer with none.
-        kinds = [k for k in self.kinds if k != "truncate" or method == "GET"]
+        # A spoilt body needs a body: writes and HEADs answer with none.
+        kinds = [k for k in self.kinds if k not in BODY_FAULTS or method == "GET"]
         if not kinds:
             return None
         least = min(self.counts[k] for k in kinds)
@@ -190,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault and fault.startswith("forced_"):
             self._send_error(int(fault.removeprefix("forced_")), "forced")
         else:
-            self._answer(*self._forward(body, trailers), truncate=fault == "truncate")
+            self._answer(*self._forward(body, trailers), fault=fault)
 
     def _read_body(self) -> tuple[bytes, dict[str, str]]:
         """The request body, de-chunked, and the chunked trailers (as headers upstream)."""
@@ -230,7 +253,11 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             conn.close()
 
-    def _answer(self, status: int, headers, data: bytes, truncate: bool) -> None:
+    def _answer(self, status: int, headers, data: bytes, fault: str | None) -> None:
+        truncate = fault == "truncate"
+        if fault == "corrupt" and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            headers = [(k, v) for k, v in headers if not k.lower().startswith("x-amz-checksum")]
         if truncate and len(data) < 2:
             self._reset()  # nothing to cut in half: cut it all
             return
