@@ -247,6 +247,13 @@ class RetrainConfig(RuntimeConfig):
         description="A fold still training after this long fails; its retry resumes from the "
         "last checkpoint.",
     )
+    checkpoint_every_seconds: float = Field(
+        300,
+        ge=0,
+        description="A fold saves its resume state (weights, optimizer) after an epoch at most "
+        "this often, and at its end: a killed fold loses at most this much training "
+        "(0: after every epoch).",
+    )
 
 
 class ScoreConfig(RuntimeConfig):
