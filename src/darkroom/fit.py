@@ -4,8 +4,9 @@ stopping that keeps the best epoch, a frozen-backbone warm-up, mixed precision o
 retry with half the batch size when CUDA runs out of memory.
 
 ``fit`` drives a ``Trainer``: the whole state of one attempt at a fold, which runs an epoch,
-checkpoints itself and restores itself from a checkpoint. Its pieces: ``darkroom.recipe`` (the
-config's choices), ``darkroom.steps`` (loaders and passes over them), ``darkroom.rng``."""
+gives its checkpoint (``state_dict``) and restores itself from one. Its pieces:
+``darkroom.recipe`` (the config's choices), ``darkroom.steps`` (loaders and passes over them),
+``darkroom.rng``."""
 
 from __future__ import annotations
 
