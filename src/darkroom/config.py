@@ -269,6 +269,13 @@ class RetrainConfig(RuntimeConfig):
         description="Folds training at once. Empty: with threads, one per visible GPU (1 on "
         "a CPU); with ray, every fold, as the cluster's GPUs allow.",
     )
+    checkpoint_every_seconds: float = Field(
+        300,
+        ge=0,
+        description="A fold saves its resume state (weights, optimizer) after an epoch at most "
+        "this often, and at its end: a killed fold loses at most this much training "
+        "(0: after every epoch).",
+    )
 
 
 class ScoreConfig(RuntimeConfig):

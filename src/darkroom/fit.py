@@ -1,11 +1,12 @@
 """Fine-tuning one fold: the tutorials' recipe (Adam, per-step cosine to lr_min, cross-entropy)
-plus what an overnight run needs: a checkpoint after every epoch to resume from, early stopping
-that keeps the best epoch, a frozen-backbone warm-up, mixed precision on CUDA, and a retry with
-half the batch size when CUDA runs out of memory.
+plus what an overnight run needs: a checkpoint to resume from (``darkroom.checkpoint``), early
+stopping that keeps the best epoch, a frozen-backbone warm-up, mixed precision on CUDA, and a
+retry with half the batch size when CUDA runs out of memory.
 
 ``fit`` drives a ``Trainer``: the whole state of one attempt at a fold, which runs an epoch,
-checkpoints itself and restores itself from a checkpoint. Its pieces: ``darkroom.recipe`` (the
-config's choices), ``darkroom.steps`` (loaders and passes over them), ``darkroom.rng``."""
+gives its checkpoint (``state_dict``) and restores itself from one. Its pieces:
+``darkroom.recipe`` (the config's choices), ``darkroom.steps`` (loaders and passes over them),
+``darkroom.rng``."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from darkroom.checkpoint import Checkpointer, SaveSchedule
 from darkroom.config import TrainConfig
 from darkroom.data import build_transform
 from darkroom.model import create_model, mean_std
@@ -44,14 +45,6 @@ from darkroom.steps import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Checkpointer(Protocol):
-    """Where a fold keeps its training state between epochs (see ``pipeline``)."""
-
-    def load(self) -> dict | None: ...
-
-    def save(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -223,17 +216,15 @@ class Trainer:
         patience = self.cfg.early_stopping_patience
         return bool(patience and self.best.bad_epochs >= patience)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, final: bool = False) -> dict:
         """The checkpoint after the last epoch run, readable by ``torch.load(weights_only=True)``:
-        tensors, numbers, lists, dicts and strings only."""
+        tensors, numbers, lists, dicts and strings only, each weight tensor once. ``final`` (no
+        epoch follows): the best weights as ``model``, no optimizer, scheduler, scaler or RNG."""
         epoch, best = self.history[-1]["epoch"], self.best
-        return {
+        state = {
             "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
+            "final": final,
+            "model": best.state if final else self.model.state_dict(),
             "history": self.history,
             "batch_size": self.batch_size,
             "grad_accum_steps": self.opts.accum,
@@ -241,24 +232,29 @@ class Trainer:
                 "loss": best.loss,
                 "epoch": best.epoch,
                 "bad_epochs": best.bad_epochs,
-                # the best weights are the current ones: stored once, as "model"
-                "state": None if best.epoch == epoch else best.state,
+                # None: the best weights are "model" (the current epoch's, or final)
+                "state": None if final or best.epoch == epoch else best.state,
                 "probs": None if best.probs is None else torch.from_numpy(best.probs),
             },
         }
-
-    def save(self, checkpointer: Checkpointer) -> None:
-        """Saves ``state_dict()`` to ``checkpointer``."""
-        checkpointer.save(self.state_dict())
+        if not final:
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                rng=rng_state(),
+            )
+        return state
 
     def restore(self, saved: dict) -> None:
         """Continues from a ``state_dict()``: the next epoch is the one after the saved one."""
         self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        if saved["scaler"]:  # a disabled scaler saves an empty dict and refuses to load one
-            self.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
+        if not saved.get("final"):  # a final checkpoint has no epoch left to train
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if saved["scaler"]:  # a disabled scaler saves an empty dict and refuses to load one
+                self.scaler.load_state_dict(saved["scaler"])
+            set_rng_state(saved["rng"])
         b = saved["best"]
         self.best = _Best(
             loss=b["loss"],
@@ -330,21 +326,22 @@ def fit(
     num_workers: int = 0,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
+    checkpoint_every: float = 0.0,
 ) -> FoldResult:
     """Trains a model on the train images, validating each epoch; keeps the best epoch.
 
-    With ``checkpoint``, the state after every epoch is saved there and a later call continues
-    from the last saved epoch. CUDA out of memory restarts from that epoch with half the batch
-    and twice the accumulation steps (the same effective batch). Without validation images (a
-    refit on every row) the last epoch is kept.
+    With ``checkpoint``, the state is saved there every ``checkpoint_every`` seconds at most
+    (0: every epoch) and after the last epoch; a later call continues from the last saved epoch.
+    CUDA out of memory restarts from that epoch with half the batch and twice the accumulation
+    steps (the same effective batch). Without validation images the last epoch is kept.
 
     Args:
         data: The fold's train and validation images.
         cfg: The recipe; its batch size and accumulation steps are where the batch starts.
         device: Where the model trains.
         num_workers: DataLoader worker processes per loader, shut down when the fold ends.
-        on_epoch: Called with each epoch's history row, after its checkpoint is saved.
-        checkpoint: Where the training state is saved after each epoch and resumed from.
+        on_epoch: Called with each epoch's history row, after any checkpoint of it is saved.
+        checkpoint: Where the training state is saved and resumed from (``SaveSchedule``).
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite.
@@ -357,7 +354,7 @@ def fit(
             if saved and saved["batch_size"] < batch:  # an earlier attempt ran out of memory
                 batch, accum = saved["batch_size"], saved["grad_accum_steps"]
             trainer = Trainer.build(data, cfg, device, num_workers, batch, accum)
-            return _train(trainer, saved, checkpoint, on_epoch)
+            return _train(trainer, saved, SaveSchedule(checkpoint, checkpoint_every), on_epoch)
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -373,22 +370,26 @@ def fit(
         release_memory()
 
 
-def _train(trainer: Trainer, saved: dict | None, checkpoint, on_epoch) -> FoldResult:
+def _train(trainer: Trainer, saved: dict | None, saves: SaveSchedule, on_epoch) -> FoldResult:
     """Runs ``trainer``'s epochs (after ``saved``'s, if given) up to early stopping."""
     if saved:
         trainer.restore(saved)
         log.info("resuming after the checkpoint of epoch %d", saved["epoch"])
-    stopped_early = False
+    stopped_early, last = False, trainer.cfg.epochs - 1
     try:
         for epoch in range(trainer.start_epoch, trainer.cfg.epochs):
             if trainer.patience_spent():
                 stopped_early = True
                 break
             row = trainer.run_epoch(epoch)
-            if checkpoint:
-                trainer.save(checkpoint)
-            if on_epoch:
-                on_epoch(row)
+            end = epoch == last or trainer.patience_spent()
+            saves.after_epoch(epoch, trainer.state_dict, end)
+            try:
+                if on_epoch:
+                    on_epoch(row)
+            except BaseException:
+                saves.save(epoch, trainer.state_dict)  # between epochs the state is whole
+                raise
     finally:
         trainer.close()
     return trainer.result(stopped_early)

@@ -104,7 +104,8 @@ def test_killed_run_resumes_and_an_unchanged_rerun_trains_nothing(local_storage,
         return bool(fold1)
 
     proc = subprocess.Popen(
-        _retrain(local_storage, tmp_path),
+        # a checkpoint after every epoch, so that one exists mid-fold to kill the run at
+        _retrain(local_storage, tmp_path, "--checkpoint-every-seconds", "0"),
         cwd=REPO,
         env=_env(tmp_path),
         stdout=subprocess.DEVNULL,
@@ -119,6 +120,7 @@ def test_killed_run_resumes_and_an_unchanged_rerun_trains_nothing(local_storage,
     saved = torch.load(
         io.BytesIO(local_storage.read_bytes(key + "1/checkpoint.pt")), weights_only=True
     )
+    assert not saved["final"] and "optimizer" in saved  # mid-fold: the whole resume state
     fold0 = local_storage.read_bytes(key + "0/fold.json")
 
     out = _run(_retrain(local_storage, tmp_path), tmp_path)

@@ -309,7 +309,8 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files):
+@pytest.mark.parametrize("every", [0, 1e9])
+def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files, every):
     cfg = TINY.model_copy(update={"epochs": 3, "batch_size": 8, "mixup_prob": 0.5})
     whole = _fit(digit_files, cfg)
     ckpt = MemoryCheckpointer()
@@ -319,8 +320,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files):
             raise Crash
 
     with pytest.raises(Crash):
-        _fit(digit_files, cfg, checkpoint=ckpt, on_epoch=crash_after_epoch_1)
-    assert ckpt.load()["epoch"] == 1
+        _fit(
+            digit_files, cfg, checkpoint=ckpt, checkpoint_every=every, on_epoch=crash_after_epoch_1
+        )
+    # a crash between epochs saves the finished epoch, whatever the interval
+    assert ckpt.load()["epoch"] == 1 and ckpt.saves == (2 if every == 0 else 1)
     resumed = _fit(digit_files, cfg, checkpoint=ckpt)
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 3
     assert resumed.best_epoch == whole.best_epoch
@@ -385,10 +389,21 @@ def test_out_of_memory_at_batch_size_one_is_raised(digit_files):
     assert ckpt.saves == 3  # batch sizes 4, 2 and 1
 
 
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def test_checkpoint_stores_the_best_weights_only_when_they_differ(digit_files, monkeypatch):
     import darkroom.fit as tr
 
-    losses = iter([1.0, 0.5, 0.7])
+    losses = iter([1.0, 0.5, 0.7, 0.8])
     real = tr.evaluate
 
     def fake(*a, **kw):
@@ -397,15 +412,88 @@ def test_checkpoint_stores_the_best_weights_only_when_they_differ(digit_files, m
 
     monkeypatch.setattr(tr, "evaluate", fake)
     ckpt, saved = MemoryCheckpointer(), []
-    cfg = TINY.model_copy(update={"epochs": 3})
+    cfg = TINY.model_copy(update={"epochs": 4})
     res = _fit(digit_files, cfg, checkpoint=ckpt, on_epoch=lambda row: saved.append(ckpt.load()))
-    assert [s["best"]["epoch"] for s in saved] == [0, 1, 1]
-    assert saved[1]["best"]["state"] is None  # the best epoch is the current one: stored once
-    best = saved[2]["best"]["state"]
-    assert best is not None and ckpt.saves == 3
+    assert [s["best"]["epoch"] for s in saved] == [0, 1, 1, 1] and ckpt.saves == 4
+    weights = res.model.state_dict()
+    assert set(saved[1]["model"]) == set(weights)
+    probs = saved[1]["best"]["probs"]
+    # the best epoch is the current one: its weights are stored once, beside the optimizer's
+    assert saved[1]["best"]["state"] is None
+    assert _tensor_bytes(saved[1]) == _tensor_bytes(
+        [saved[1][k] for k in ("model", "optimizer", "rng")]
+    ) + _tensor_bytes(probs)
+    best = saved[2]["best"]["state"]  # epoch 2 is worse: the best weights are kept apart
+    assert best is not None and not saved[2]["final"]
+    # the fold's end: only the best weights, once, and no optimizer state left to resume
+    final = saved[3]
+    assert final["final"] and final["best"]["state"] is None and "optimizer" not in final
+    assert _tensor_bytes(final) == _tensor_bytes(weights) + _tensor_bytes(final["best"]["probs"])
     for k, v in saved[1]["model"].items():
         torch.testing.assert_close(best[k], v)
-        torch.testing.assert_close(res.model.state_dict()[k], v)  # and fit returns it
+        torch.testing.assert_close(final["model"][k], v)
+        torch.testing.assert_close(weights[k], v)  # and fit returns it
+
+
+@pytest.mark.parametrize("every", [0, 1e9])
+def test_checkpoint_interval_saves_every_epoch_or_only_at_the_end(digit_files, every):
+    ckpt, saved = MemoryCheckpointer(), []
+    cfg = TINY.model_copy(update={"epochs": 3})
+    _fit(
+        digit_files,
+        cfg,
+        checkpoint=ckpt,
+        checkpoint_every=every,
+        on_epoch=lambda row: saved.append(ckpt.load() and ckpt.load()["epoch"]),
+    )
+    # 0: after every epoch; a long interval: once, at the fold's end
+    assert saved == ([0, 1, 2] if every == 0 else [None, None, 2])
+    assert ckpt.saves == (3 if every == 0 else 1) and ckpt.load()["final"]
+
+
+@pytest.mark.parametrize("every", [0, 1e9])
+def test_a_fold_killed_inside_an_epoch_resumes_from_the_last_saved_epoch(
+    digit_files, monkeypatch, every
+):
+    import darkroom.fit as tr
+
+    real, epochs = tr.train_one_epoch, []
+
+    def crash_in_epoch_2(*a, **kw):
+        epochs.append(len(epochs))
+        if len(epochs) == 3:
+            raise Crash
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tr, "train_one_epoch", crash_in_epoch_2)
+    ckpt, cfg = MemoryCheckpointer(), TINY.model_copy(update={"epochs": 3})
+    with pytest.raises(Crash):
+        _fit(digit_files, cfg, checkpoint=ckpt, checkpoint_every=every)
+    monkeypatch.setattr(tr, "train_one_epoch", real)
+    resumed = _fit(digit_files, cfg, checkpoint=ckpt, checkpoint_every=every)
+    # every epoch saved: epoch 2 again; nothing saved yet: from the start
+    assert resumed.resumed_from_epoch == (2 if every == 0 else 0)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+
+
+def test_a_finished_fold_resumes_from_its_final_checkpoint_without_training(
+    digit_files, monkeypatch
+):
+    import darkroom.fit as tr
+
+    cfg = TINY.model_copy(update={"epochs": 2})
+    ckpt = MemoryCheckpointer()
+    whole = _fit(digit_files, cfg, checkpoint=ckpt, checkpoint_every=1e9)
+    # e.g. the task died after fit, before fold.json: the retry trains no epoch again
+    monkeypatch.setattr(tr, "train_one_epoch", lambda *a, **kw: pytest.fail("trained again"))
+    again = _fit(digit_files, cfg, checkpoint=ckpt, checkpoint_every=1e9)
+    assert (again.resumed_from_epoch, again.best_epoch) == (2, whole.best_epoch)
+    assert again.history == whole.history and ckpt.saves == 1
+    np.testing.assert_allclose(again.val_probs, whole.val_probs)
+    for a, b in zip(
+        whole.model.state_dict().values(), again.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
 
 
 def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():

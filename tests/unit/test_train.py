@@ -69,6 +69,32 @@ def test_an_unfinished_fold_resumes_from_its_storage_checkpoint(indexed):
     assert summary.resumed_from_epoch == 2 and summary.epochs_run == 3
 
 
+@pytest.mark.parametrize("every", [0, 300])
+def test_a_fold_writes_its_checkpoint_at_most_every_interval_and_at_its_end(
+    indexed, monkeypatch, every
+):
+    storage, config, snapshot = indexed
+    config = _config(config, epochs=3).model_copy(update={"checkpoint_every_seconds": every})
+    written, real = [], storage.write_bytes
+
+    def record(key, data, **kw):
+        written.append(key.rsplit("/", 1)[-1])
+        return real(key, data, **kw)
+
+    monkeypatch.setattr(storage, "write_bytes", record)
+    summary = train.train_fold(storage, config, snapshot, "v1", 0)
+    assert summary.epochs_run == 3
+    # 300 s outlast these epochs: one save, at the fold's end; 0: after every epoch
+    assert written.count("checkpoint.pt") == (3 if every == 0 else 1)
+    assert not storage.exists("models/v1/folds/0/checkpoint.pt")
+
+
+def test_the_checkpoint_interval_does_not_change_the_model_version(indexed):
+    _, config, _ = indexed
+    other = config.model_copy(update={"checkpoint_every_seconds": 0})
+    assert other.train.fingerprint() == config.train.fingerprint()
+
+
 def test_non_finite_loss_fails_the_fold_and_writes_no_fold_json(indexed):
     storage, config, snapshot = indexed
     config = _config(config, lr=1e30, lr_min=1e29, epochs=3, batch_size=4)
