@@ -60,7 +60,7 @@ def test_bodies_cut_short_are_fetched_again(s3_faulty, tmp_path):
     proxy.configure(rate=0.5, seed=SEED, kinds=("truncate",))
     for i in range(8):
         assert storage.read_bytes("m/x.bin") == data
-        storage.download("m/x.bin", tmp_path / f"{i}.bin")  # s3transfer retries its own
+        storage.download("m/x.bin", tmp_path / f"{i}.bin")  # one GET, retried whole
         assert (tmp_path / f"{i}.bin").read_bytes() == data
     assert proxy.faults()["truncate"] >= 8
 
