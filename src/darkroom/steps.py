@@ -18,6 +18,7 @@ from darkroom.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, worker_context
 from darkroom.feed import FoldLoader, resolve_workers, shutdown_workers, worker_init
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
+CHECK_EVERY = 32  # training batches between looks at the loss (each look waits for the GPU)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -181,30 +182,41 @@ def train_one_epoch(
         mixed and smoothed; the accuracy against the unmixed labels).
 
     Raises:
-        NonFiniteLoss: a batch's loss is NaN or infinite.
+        NonFiniteLoss: a batch's loss is NaN or infinite (found within CHECK_EVERY batches).
     """
     opts = opts or StepOptions()
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
-    loss_sum, preds, targets = 0.0, [], []
+    # Sums, predictions and the finiteness check stay on the device: a .item() per batch would
+    # make the host wait for the GPU before it can queue the next batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    preds, targets = [], []
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(loader):
+        targets.append(labels)
         images, labels = to_device(images, labels, device, opts)
         logits, loss = _forward(model, images, labels, criterion, opts)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} at lr {scheduler.get_last_lr()[0]:.2e}:"
-                " lower the lr or check the data"
-            )
+        finite &= torch.isfinite(loss.detach())
+        if (i + 1) % CHECK_EVERY == 0:
+            _check_finite(finite, scheduler)
         scaler.scale(loss / opts.accum).backward()
         if (i + 1) % opts.accum == 0 or i + 1 == len(loader):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        loss_sum += loss.item() * labels.numel()
-        preds.append(logits.argmax(1).cpu())
-        targets.append(labels.cpu())
-    return _epoch_stats(loss_sum, preds, targets)
+        loss_sum += loss.detach().double() * labels.numel()
+        preds.append(logits.detach().argmax(1))
+    _check_finite(finite, scheduler)
+    return _epoch_stats(loss_sum.item(), [torch.cat(preds).cpu()] if preds else [], targets)
+
+
+def _check_finite(finite: torch.Tensor, scheduler) -> None:
+    if not finite.item():
+        raise NonFiniteLoss(
+            f"loss became NaN or infinite at lr {scheduler.get_last_lr()[0]:.2e}:"
+            " lower the lr or check the data"
+        )
 
 
 @torch.no_grad()
@@ -219,11 +231,11 @@ def predict_proba(
         images, _ = to_device(images, y, device, opts)
         with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
             logits = model(images)
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+        probs.append(torch.softmax(logits.float(), 1))  # to the host once, at the end
         labels.append(y)
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return torch.cat(probs).cpu().numpy(), torch.cat(labels).numpy()
 
 
 def evaluate(
