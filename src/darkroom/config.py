@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -204,6 +204,20 @@ WATCH_TIMEOUT_SECONDS = 15 * 60
 
 class RetrainConfig(RuntimeConfig):
     """Parameters of the ``nightly_retrain`` flow."""
+
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes of a training process, or auto: one per core "
+        "less one for the training step (none on 2 cores or fewer). Started once and reused by "
+        "the folds that train in that process.",
+    )
+    decoded_cache_gib: float = Field(
+        50.0,
+        ge=0,
+        description="Disk the decode-once cache may take (<cache_dir>/decoded: each training "
+        "image decoded and resized once, reused by every fold, epoch and later run), in GiB; "
+        "the least recently used entries go first. 0: no cache, every epoch decodes the files.",
+    )
 
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="How the model is trained (the recipe)."

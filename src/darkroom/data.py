@@ -272,24 +272,35 @@ def build_transform(
         augment: "soft" (the tutorials' rotate/flip/one hole), "no-flip" (the same without
             mirroring, for text and digits) or "none" (evaluation).
     """
-    ops: list = [A.Resize(image_size, image_size)]
-    if augment in ("soft", "no-flip"):
-        ops.append(A.Rotate(limit=45, p=0.6))
-        if augment == "soft":
-            ops.append(A.HorizontalFlip(p=0.6))
-        hole = max(1, round(64 * image_size / 224))  # one 64 px hole at 224 px, scaled
-        ops.append(
-            A.CoarseDropout(
-                num_holes_range=(1, 1),
-                hole_height_range=(hole, hole),
-                hole_width_range=(hole, hole),
-                p=0.3,
-            )
-        )
-    elif augment != "none":
-        raise ValueError(f"unknown augment {augment!r}: use soft, no-flip or none")
+    ops: list = [A.Resize(image_size, image_size), *_augment_ops(image_size, augment)]
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(ops)
+
+
+def augmentation(image_size: int, augment: str) -> A.Compose:
+    """``build_transform``'s steps between its Resize and its Normalize: what runs on pixels
+    that are ``image_size`` square already (the decode-once cache), uint8 in and out."""
+    return A.Compose(_augment_ops(image_size, augment))
+
+
+def _augment_ops(image_size: int, augment: str) -> list:
+    if augment == "none":
+        return []
+    if augment not in ("soft", "no-flip"):
+        raise ValueError(f"unknown augment {augment!r}: use soft, no-flip or none")
+    ops: list = [A.Rotate(limit=45, p=0.6)]
+    if augment == "soft":
+        ops.append(A.HorizontalFlip(p=0.6))
+    hole = max(1, round(64 * image_size / 224))  # one 64 px hole at 224 px, scaled
+    ops.append(
+        A.CoarseDropout(
+            num_holes_range=(1, 1),
+            hole_height_range=(hole, hole),
+            hole_width_range=(hole, hole),
+            p=0.3,
+        )
+    )
+    return ops
 
 
 def _leading_resize(transform) -> int | None:

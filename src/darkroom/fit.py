@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from darkroom.checkpoint import Checkpointer, SaveSchedule
 from darkroom.config import TrainConfig
 from darkroom.data import build_transform
+from darkroom.feed import fold_loaders
 from darkroom.model import create_model, mean_std
 from darkroom.recipe import (
     amp_dtype,
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FoldData:
-    """The images of one fold; no validation images means a refit on every row."""
+    """The images of one fold; no validation images means a refit on every row. ``decoded``:
+    the paths are decode-once cache entries at the config's image_size (darkroom.cache)."""
 
     train_paths: Sequence[str]
     train_labels: Sequence[int]
@@ -57,6 +59,7 @@ class FoldData:
     val_labels: Sequence[int]
     num_classes: int
     limits: LoaderLimits = field(default_factory=LoaderLimits)
+    decoded: bool = False
 
 
 @dataclass
@@ -124,7 +127,7 @@ class Trainer:
         data: FoldData,
         cfg: TrainConfig,
         device: torch.device,
-        num_workers: int,
+        num_workers: int | str,
         batch: int,
         accum: int,
     ) -> Trainer:
@@ -132,11 +135,14 @@ class Trainer:
         images a batch and ``accum`` batches an optimizer step."""
         seed_everything(cfg.seed)
         model = create_model(local_weights(cfg), data.num_classes).to(device)
+        mean, std = mean_std(model)
         opts = StepOptions(
             amp=amp_dtype(cfg, device),
             accum=accum,
             channels_last=cfg.channels_last and device.type == "cuda",
             cfg=cfg if cfg.mixup_prob + cfg.cutmix_prob > 0 else None,
+            mean=mean,
+            std=std,
         )
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -292,30 +298,27 @@ class Trainer:
         )
 
 
-def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int, batch: int):
-    """The shuffled, augmented train loader and the validation loader in file order."""
+def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int | str, batch: int):
+    """The shuffled, augmented train loader and the validation loader in file order; over
+    cache entries, both are passes through one loader whose workers outlive the fold."""
+    if data.decoded:
+        return fold_loaders(data, cfg.augment, batch, num_workers, cfg.seed)
     mean, std = mean_std(model)
+    tf = lambda augment: build_transform(cfg.image_size, mean, std, augment)  # noqa: E731
+    common = {"num_workers": num_workers, "limits": data.limits}
     train = make_loader(
         data.train_paths,
         data.train_labels,
-        build_transform(cfg.image_size, mean, std, cfg.augment),
+        tf(cfg.augment),
         batch,
         shuffle=True,
-        num_workers=num_workers,
         seed=cfg.seed,
         drop_last=len(data.train_paths) % batch == 1,  # a batch of one breaks BatchNorm
-        limits=data.limits,
+        **common,
     )
-    val = make_loader(
-        data.val_paths,
-        data.val_labels,
-        build_transform(cfg.image_size, mean, std, "none"),
-        batch,
-        shuffle=False,
-        num_workers=num_workers,
-        limits=data.limits,
+    return train, make_loader(
+        data.val_paths, data.val_labels, tf("none"), batch, shuffle=False, **common
     )
-    return train, val
 
 
 def fit(
@@ -323,7 +326,7 @@ def fit(
     cfg: TrainConfig,
     *,
     device: torch.device,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
     checkpoint_every: float = 0.0,
@@ -339,7 +342,8 @@ def fit(
         data: The fold's train and validation images.
         cfg: The recipe; its batch size and accumulation steps are where the batch starts.
         device: Where the model trains.
-        num_workers: DataLoader worker processes per loader, shut down when the fold ends.
+        num_workers: DataLoader worker processes, or "auto"; over cache entries they outlive
+            the fit for the next one (``darkroom.feed``), else they stop when it ends.
         on_epoch: Called with each epoch's history row, after any checkpoint of it is saved.
         checkpoint: Where the training state is saved and resumed from (``SaveSchedule``).
 

@@ -28,7 +28,10 @@ GATE_FIELDS = (
 def _flag_type(annotation) -> dict:
     """argparse keywords for a field's type: bools get --x/--no-x, Literals get choices."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(kinds) > 1:  # a count or "auto", say: the config's validation tells them apart
+            return {"type": str}
+        annotation = kinds[0]
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(annotation) is typing.Literal:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader
 
 from darkroom.config import TrainConfig
 from darkroom.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, worker_context
+from darkroom.feed import FoldLoader, resolve_workers, shutdown_workers, worker_init
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
+CHECK_EVERY = 32  # training batches between looks at the loss (each look waits for the GPU)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -31,6 +33,10 @@ class StepOptions:
     channels_last: bool = False
     accum: int = 1
     cfg: TrainConfig | None = None  # for MixUp/CutMix; None: no mixing
+    # uint8 batches (the decode-once cache) are normalised with these on the device
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    _affine: dict = field(default_factory=dict, repr=False)  # device -> (shift, scale)
 
 
 @dataclass(frozen=True)
@@ -48,13 +54,14 @@ def make_loader(
     batch_size: int,
     *,
     shuffle: bool,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     seed: int = 0,
     drop_last: bool = False,
     limits: LoaderLimits | None = None,
 ) -> DataLoader:
-    """A loader over the image files whose shuffle order depends on ``seed`` only."""
-    limits = limits or LoaderLimits()
+    """A loader over the image files whose shuffle order depends on ``seed`` only.
+    ``num_workers``: a count or "auto" (``resolve_workers``)."""
+    limits, num_workers = limits or LoaderLimits(), resolve_workers(num_workers)
     return DataLoader(
         ImageDataset(paths, labels, transform, max_pixels=limits.max_pixels),
         # A worker that hangs (a stuck read on a network disk) fails the epoch after this
@@ -67,17 +74,20 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init if num_workers > 0 else None,
         multiprocessing_context=worker_context(num_workers),
     )
 
 
-def stop_workers(loader: DataLoader) -> None:
+def stop_workers(loader: DataLoader | FoldLoader) -> None:
     """Shuts a loader's persistent workers down, which would otherwise live until garbage
-    collection, holding memory and open files after the fold is done."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None
+    collection, holding memory and open files after the fold is done. A fold's loader over
+    the decode-once cache gives its shared workers back to the process's pool instead, for
+    the next fold (``darkroom.feed``)."""
+    if isinstance(loader, FoldLoader):
+        loader.release()
+    else:
+        shutdown_workers(loader)
 
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig):
@@ -108,11 +118,37 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig):
 
 
 def to_device(images, labels, device, opts: StepOptions):
-    """The batch on ``device``, images in the layout ``opts`` asks for."""
+    """The batch on ``device``, images in the layout ``opts`` asks for; a uint8 batch (the
+    decode-once cache's NHWC pixels) is normalised there, so a GPU does that work."""
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalise(images, opts)
     if opts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    else:
+        images = images.contiguous()
     return images, labels.to(device, non_blocking=True)
+
+
+def normalise(images: torch.Tensor, opts: StepOptions) -> torch.Tensor:
+    """NHWC uint8 pixels as the model's input, ``(x / 255 - mean) / std``: NCHW float32 in
+    channels-last memory (the permute moves no data). The arithmetic is albumentations'
+    Normalize's, ``(x - 255 mean) * (1 / (255 std))`` in float32, so the tensors are the file
+    path's to the bit."""
+    shift, scale = opts._affine.get(images.device) or _affine(images.device, opts)
+    return images.permute(0, 3, 1, 2).float().sub_(shift).mul_(scale)
+
+
+def _affine(device, opts: StepOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """255 mean and 1 / (255 std) on ``device``, made once: a copy per batch would wait for
+    the GPU."""
+    if opts.mean is None or opts.std is None:
+        raise ValueError("a uint8 batch needs StepOptions.mean and .std to be normalised")
+    shift = np.asarray(opts.mean, np.float32) * np.float32(255)
+    scale = np.reciprocal(np.asarray(opts.std, np.float32) * np.float32(255))
+    pair = tuple(torch.from_numpy(v).view(1, -1, 1, 1).to(device) for v in (shift, scale))
+    opts._affine[device] = pair
+    return pair
 
 
 def _forward(model, images, labels, criterion, opts: StepOptions):
@@ -146,30 +182,41 @@ def train_one_epoch(
         mixed and smoothed; the accuracy against the unmixed labels).
 
     Raises:
-        NonFiniteLoss: a batch's loss is NaN or infinite.
+        NonFiniteLoss: a batch's loss is NaN or infinite (found within CHECK_EVERY batches).
     """
     opts = opts or StepOptions()
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
-    loss_sum, preds, targets = 0.0, [], []
+    # Sums, predictions and the finiteness check stay on the device: a .item() per batch would
+    # make the host wait for the GPU before it can queue the next batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    preds, targets = [], []
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(loader):
+        targets.append(labels)
         images, labels = to_device(images, labels, device, opts)
         logits, loss = _forward(model, images, labels, criterion, opts)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss became {loss.item()} at lr {scheduler.get_last_lr()[0]:.2e}:"
-                " lower the lr or check the data"
-            )
+        finite &= torch.isfinite(loss.detach())
+        if (i + 1) % CHECK_EVERY == 0:
+            _check_finite(finite, scheduler)
         scaler.scale(loss / opts.accum).backward()
         if (i + 1) % opts.accum == 0 or i + 1 == len(loader):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        loss_sum += loss.item() * labels.numel()
-        preds.append(logits.argmax(1).cpu())
-        targets.append(labels.cpu())
-    return _epoch_stats(loss_sum, preds, targets)
+        loss_sum += loss.detach().double() * labels.numel()
+        preds.append(logits.detach().argmax(1))
+    _check_finite(finite, scheduler)
+    return _epoch_stats(loss_sum.item(), [torch.cat(preds).cpu()] if preds else [], targets)
+
+
+def _check_finite(finite: torch.Tensor, scheduler) -> None:
+    if not finite.item():
+        raise NonFiniteLoss(
+            f"loss became NaN or infinite at lr {scheduler.get_last_lr()[0]:.2e}:"
+            " lower the lr or check the data"
+        )
 
 
 @torch.no_grad()
@@ -184,11 +231,11 @@ def predict_proba(
         images, _ = to_device(images, y, device, opts)
         with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
             logits = model(images)
-        probs.append(torch.softmax(logits.float(), 1).cpu())
+        probs.append(torch.softmax(logits.float(), 1))  # to the host once, at the end
         labels.append(y)
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return torch.cat(probs).cpu().numpy(), torch.cat(labels).numpy()
 
 
 def evaluate(

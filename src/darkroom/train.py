@@ -17,6 +17,7 @@ import torch
 import darkroom
 from darkroom import layout, plots
 from darkroom import metrics as mx
+from darkroom.cache import DecodedCache, log_progress
 from darkroom.config import RetrainConfig, TrainConfig
 from darkroom.data import UnreadableImage, decode_rgb
 from darkroom.fit import FoldData, FoldResult, fit, release_memory
@@ -138,15 +139,29 @@ def train_fold(
 
 
 def _fold_data(storage: Storage, config: RetrainConfig, train_rows, val_rows, n: int) -> FoldData:
-    """Local files and labels of the fold's rows (a worker that never synced fetches them)."""
+    """Local files and labels of the fold's rows (a worker that never synced fetches them),
+    as entries of the decode-once cache unless it is off: the first fold of a retrain decodes
+    the images that are not cached yet, the other folds and later retrains find them."""
     cache = config.cache_path(storage)
+    paths = local_paths(storage, train_rows, cache), local_paths(storage, val_rows, cache)
+    decoded = config.decoded_cache_gib > 0
+    if decoded:
+        side, limit = config.train.image_size, int(config.decoded_cache_gib * 2**30)
+        built = DecodedCache(cache / "decoded", side, limit).build(
+            [*train_rows["image_id"], *val_rows["image_id"]],
+            [*paths[0], *paths[1]],
+            max_pixels=config.max_image_pixels,
+            progress=log_progress(f"decode-once cache at {side} px"),
+        )
+        paths = built.entries[: len(train_rows)], built.entries[len(train_rows) :]
     return FoldData(
-        local_paths(storage, train_rows, cache),
+        paths[0],
         train_rows["class_index"].tolist(),
-        local_paths(storage, val_rows, cache),
+        paths[1],
         val_rows["class_index"].tolist(),
         n,
         LoaderLimits(config.max_image_pixels, config.loader_timeout_seconds),
+        decoded=decoded,
     )
 
 

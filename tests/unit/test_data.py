@@ -12,6 +12,7 @@ from darkroom.data import (
     ImageDataset,
     SafeImageDataset,
     UnreadableImage,
+    augmentation,
     build_transform,
     read_rgb,
 )
@@ -104,9 +105,23 @@ def test_soft_flips_no_flip_does_not():
     assert A.Resize in none and A.Normalize in none
 
 
+@pytest.mark.parametrize("augment", ["none", "soft", "no-flip"])
+def test_augmentation_is_the_transform_between_resize_and_normalize(augment):
+    full = build_transform(32, MEAN, STD, augment).transforms
+    middle = augmentation(32, augment)
+    assert [repr(t) for t in middle.transforms] == [repr(t) for t in full[1:-2]]
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = middle(image=img)["image"]
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)  # pixels stay bytes
+    if augment == "none":
+        assert np.array_equal(out, img)
+
+
 def test_unknown_augment():
     with pytest.raises(ValueError, match="heavy"):
         build_transform(32, MEAN, STD, "heavy")
+    with pytest.raises(ValueError, match="heavy"):
+        augmentation(32, "heavy")
 
 
 def test_image_dataset(tmp_path):
