@@ -186,9 +186,7 @@ def pending_chunks(
     ``version`` itself has not scored (older versions' predictions stay as they are).
     """
     listed = [(o.key, o.etag) for o in storage.list(layout.INCOMING) if is_image_key(o.key)]
-    done = scored_pairs(storage, version)
-    if not rescore:
-        done |= scored_pairs(storage, None)
+    done = scored_pairs(storage, version if rescore else None)  # None: every version's
     pending = [p for p in listed if p not in done]
     return ScorePlan(
         plan_chunks(pending, chunk_size), len(listed), len(listed) - len(pending), len(pending)

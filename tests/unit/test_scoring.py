@@ -374,3 +374,18 @@ def test_score_chunk_rows_are_the_models_predictions(local_storage, tiny_model, 
     assert (result.images, result.failed, result.unfetched) == (len(items), 2, 0)
     assert sum(result.per_class.values()) == good.sum()
     assert result.low_confidence == int((back["confidence"][good] < 0.5).sum())
+
+
+def test_pending_pairs_new_or_not_scored_by_this_version(local_storage):
+    for i in range(4):
+        local_storage.put_source_object(f"incoming/{i}.png", png_bytes(value=i))
+    pairs = sorted((o.key, o.etag) for o in local_storage.list("incoming/"))
+    for version, scored in (("old", pairs[:1]), ("new", pairs[1:2])):
+        ok = np.ones(len(scored), bool)
+        probs = np.full((len(scored), 3), 1 / 3, np.float32)
+        rows = scoring.predictions_table(version, CLASSES, scored, probs, ok, {}, ScoreConfig())
+        write_predictions(local_storage, version, chunk_id(scored), rows)
+    fresh = scoring.pending_chunks(local_storage, "new", chunk_size=10)
+    assert fresh.chunks == [pairs[2:]] and (fresh.already_scored, fresh.to_score) == (2, 2)
+    again = scoring.pending_chunks(local_storage, "new", chunk_size=10, rescore=True)
+    assert again.chunks == [[pairs[0], *pairs[2:]]] and again.to_score == 3
