@@ -1,9 +1,9 @@
 """Running a saved model version on image files: load it once per process (checking its
 weights' sha256), predict class probabilities. No storage listing, no Prefect.
 
-Scoring runs at the model's speed: ``inference_mode``, bf16 autocast and channels_last on CUDA
-(a table by device type; a CPU runs fp32 as evaluation does), and the next batch decoded (by
-evaluation's own ``SafeImageDataset``) while the model runs the current one.
+Scoring runs at the model's speed: ``inference_mode``; on CUDA bf16 autocast, channels_last and
+the next batches decoded (by evaluation's own ``SafeImageDataset``) while the GPU runs this one;
+a CPU runs fp32 as evaluation does (``RUN_MODES``, a table by device type).
 """
 
 from __future__ import annotations
@@ -34,19 +34,23 @@ from darkroom.storage import Storage
 @dataclass(frozen=True)
 class RunMode:
     """How a device runs the model: autocast dtype (None: fp32), the memory format of the
-    weights and batches, and whether batches are pinned for an asynchronous copy."""
+    weights and batches, whether batches are pinned for an asynchronous copy, and how many
+    batches a background thread decodes ahead of the model (0: decode, then run, in turn)."""
 
     autocast: torch.dtype | None = None
     memory_format: torch.memory_format = torch.contiguous_format
     pin_memory: bool = False
+    prefetch: int = 0
 
 
-# Device type -> RunMode. CUDA: bf16 (tensor cores, fp32's range; softmax stays fp32) and
-# channels_last (cuDNN's own layout for convolutions). Any other device: RunMode(), fp32 in
-# the stored layout, the numbers evaluation computed.
-RUN_MODES: dict[str, RunMode] = {"cuda": RunMode(torch.bfloat16, torch.channels_last, True)}
-# Batches decoded ahead of the model by the background thread (DataLoader workers otherwise).
-PREFETCH = 2
+# Device type -> RunMode. CUDA: bf16 (tensor cores, fp32's range; softmax stays fp32),
+# channels_last (cuDNN's own layout for convolutions), and the host decodes the next batches
+# while the GPU runs this one. Any other device: RunMode(), fp32 in the stored layout (the
+# numbers evaluation computed), decoding in turn: the model already keeps every core busy,
+# and a decoding thread beside it was slower on a 2-core machine (benchmarks/bench_score.py).
+RUN_MODES: dict[str, RunMode] = {
+    "cuda": RunMode(torch.bfloat16, torch.channels_last, pin_memory=True, prefetch=2)
+}
 
 
 def run_mode(device: torch.device) -> RunMode:
@@ -102,7 +106,7 @@ def decoded_batches(
     ds: SafeImageDataset,
     batch_size: int,
     num_workers: int = 0,
-    prefetch: int = PREFETCH,
+    prefetch: int = 0,
     pin: bool = False,
 ) -> Iterator[Batch]:
     """``ds`` in batches, in order: with ``num_workers``, from a DataLoader's worker
@@ -163,7 +167,7 @@ class LoadedModel:
         num_workers: int = 0,
         tta: bool = False,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        prefetch: int = PREFETCH,
+        prefetch: int | None = None,
     ) -> Predictions:
         """Class probabilities for ``paths`` (in order), and why any file was refused.
 
@@ -171,15 +175,18 @@ class LoadedModel:
             num_workers: DataLoader worker processes decoding; 0: a background thread.
             tta: also score the horizontal flip of each image and average the views.
             max_pixels: images with more pixels are refused from their header, undecoded.
-            prefetch: batches the thread decodes ahead (0: decode, then run, in turn).
+            prefetch: batches a thread decodes ahead (0: decode, then run, in turn);
+                None: the device's ``RunMode.prefetch``.
         """
         size = self.meta["image_size"]
         tf = build_transform(size, self.meta["mean"], self.meta["std"], "none")
         ds = SafeImageDataset(paths, tf, size, max_pixels=max_pixels)
         probs = np.zeros((len(paths), len(self.classes)), np.float32)
         ok = np.zeros(len(paths), bool)
-        pin = run_mode(self.device).pin_memory
-        for images, idx, good in decoded_batches(ds, batch_size, num_workers, prefetch, pin):
+        mode = run_mode(self.device)
+        prefetch = mode.prefetch if prefetch is None else prefetch
+        batches = decoded_batches(ds, batch_size, num_workers, prefetch, mode.pin_memory)
+        for images, idx, good in batches:
             probs[idx] = self.forward(images, tta).cpu().numpy()
             ok[idx] = good
         status, errors = ["ok"] * len(paths), [""] * len(paths)

@@ -339,6 +339,7 @@ def test_forward_is_the_models_own_softmax_on_a_cpu(loaded):
     assert inference.run_mode(torch.device("cpu")) == inference.RunMode()
     cuda = inference.run_mode(torch.device("cuda"))
     assert (cuda.autocast, cuda.memory_format) == (torch.bfloat16, torch.channels_last)
+    assert cuda.prefetch > 0 and cuda.pin_memory
 
 
 @pytest.mark.slow
