@@ -13,18 +13,28 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from darkroom.fit import NonFiniteLoss
-from darkroom.index import DatasetError
 from darkroom.storage import StorageSetupError
 
-# A retry cannot fix bad data, a diverged run or a bad config; it can fix I/O and preemption.
-NOT_RETRIED = (DatasetError, NonFiniteLoss, StorageSetupError, ValueError, PermissionError)
+
+def not_retried() -> tuple[type[Exception], ...]:
+    """What a retry cannot fix: bad data, a diverged run or a bad config (it can fix I/O and
+    preemption). Imported when first needed: a flow's start-up does not load torch for it."""
+    from darkroom.fit import NonFiniteLoss
+    from darkroom.index import DatasetError
+
+    return (DatasetError, NonFiniteLoss, StorageSetupError, ValueError, PermissionError)
+
+
+def __getattr__(name: str):
+    if name == "NOT_RETRIED":
+        return not_retried()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:
     try:
         state.result()
-    except NOT_RETRIED:
+    except not_retried():
         return False
     except Exception:
         return True

@@ -71,13 +71,14 @@ def cmd_demo_data(a) -> int:
 def _readable(uri: str, lease_name: str, labeled: bool = False):
     """The storage root, checked before a flow starts: a root that cannot be read, or a run
     already going there, fails here in one line rather than in a task's traceback."""
-    from darkroom.index import require_labeled
     from darkroom.lease import check_free
 
     storage = open_storage(uri)
     storage.check()
     check_free(storage, lease_name)
     if labeled:
+        from darkroom.index import require_labeled  # pandas, torch: not for a scoring run
+
         require_labeled(storage)
     return storage
 
@@ -345,15 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from pydantic import ValidationError
 
-    from darkroom.index import DatasetError
     from darkroom.storage import StorageError
 
     try:
         return args.func(args)
     except ValidationError as e:
         return _fail(explain(e))
-    # ValueError covers bad config values and weights that fail their sha256 check.
-    except (DatasetError, StorageError, FileNotFoundError, registry.RegistryError, ValueError) as e:
+    # ValueError covers bad config values, weights that fail their sha256 check and
+    # darkroom.index.DatasetError (not imported here: it would load pandas and torch).
+    except (StorageError, FileNotFoundError, registry.RegistryError, ValueError) as e:
         return _fail(str(e))
 
 

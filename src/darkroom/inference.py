@@ -1,10 +1,18 @@
 """Running a saved model version on image files: load it once per process (checking its
-weights' sha256), predict class probabilities. No storage listing, no Prefect."""
+weights' sha256), predict class probabilities. No storage listing, no Prefect.
+
+Scoring runs at the model's speed: ``inference_mode``; on CUDA bf16 autocast, channels_last and
+the next batches decoded (by evaluation's own ``SafeImageDataset``) while the GPU runs this one;
+a CPU runs fp32 as evaluation does (``RUN_MODES``, a table by device type).
+"""
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +29,32 @@ from darkroom.data import (
 )
 from darkroom.model import create_model, load_weights, resolve_device
 from darkroom.storage import Storage
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """How a device runs the model: autocast dtype (None: fp32), the memory format of the
+    weights and batches, whether batches are pinned for an asynchronous copy, and how many
+    batches a background thread decodes ahead of the model (0: decode, then run, in turn)."""
+
+    autocast: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    pin_memory: bool = False
+    prefetch: int = 0
+
+
+# Device type -> RunMode. CUDA: bf16 (tensor cores, fp32's range; softmax stays fp32),
+# channels_last (cuDNN's own layout for convolutions), and the host decodes the next batches
+# while the GPU runs this one. Any other device: RunMode(), fp32 in the stored layout (the
+# numbers evaluation computed), decoding in turn: the model already keeps every core busy,
+# and a decoding thread beside it was slower on a 2-core machine (benchmarks/bench_score.py).
+RUN_MODES: dict[str, RunMode] = {
+    "cuda": RunMode(torch.bfloat16, torch.channels_last, pin_memory=True, prefetch=2)
+}
+
+
+def run_mode(device: torch.device) -> RunMode:
+    return RUN_MODES.get(device.type, RunMode())
 
 
 @dataclass
@@ -41,6 +75,57 @@ class Predictions:
     errors: list[str]
 
 
+Batch = tuple[torch.Tensor, np.ndarray, np.ndarray]  # images, item indices, usable flags
+
+
+def _collate(ds: SafeImageDataset, span: range, pin: bool) -> Batch:
+    items = [ds[i] for i in span]
+    images = torch.stack([image for image, _, _ in items])
+    good = np.array([g for _, _, g in items], bool)
+    return (images.pin_memory() if pin else images), np.arange(span.start, span.stop), good
+
+
+def _ahead(make: Callable, jobs: Iterable, depth: int) -> Iterator:
+    """``make(job)`` for each job, in order, computed ``depth`` jobs ahead by one background
+    thread (decoding releases the GIL in OpenCV, so it runs beside the model)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="darkroom-decode") as pool:
+        pending: deque = deque()
+        try:
+            for job in jobs:
+                pending.append(pool.submit(make, job))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # a consumer that stops early leaves no decoding behind
+            for f in pending:
+                f.cancel()
+
+
+def decoded_batches(
+    ds: SafeImageDataset,
+    batch_size: int,
+    num_workers: int = 0,
+    prefetch: int = 0,
+    pin: bool = False,
+) -> Iterator[Batch]:
+    """``ds`` in batches, in order: with ``num_workers``, from a DataLoader's worker
+    processes; else ``prefetch`` batches decoded ahead by a background thread (0: in the
+    calling thread, nothing overlapped)."""
+    if num_workers:
+        loader = DataLoader(
+            ds,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            multiprocessing_context=worker_context(num_workers),
+            pin_memory=pin,
+        )
+        return ((x, i.numpy(), g.numpy()) for x, i, g in loader)
+    spans = (range(i, min(i + batch_size, len(ds))) for i in range(0, len(ds), batch_size))
+    make = functools.partial(_collate, ds, pin=pin)
+    return _ahead(make, spans, prefetch) if prefetch else map(make, spans)
+
+
 @dataclass
 class LoadedModel:
     """A model version ready to predict: one network, or the fold ensemble of an ensemble
@@ -52,6 +137,11 @@ class LoadedModel:
     device: torch.device
     extra_members: list[torch.nn.Module] = field(default_factory=list)
 
+    def __post_init__(self):
+        fmt = run_mode(self.device).memory_format
+        for m in self.members:
+            m.to(memory_format=fmt).eval()
+
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
@@ -60,7 +150,16 @@ class LoadedModel:
     def members(self) -> list[torch.nn.Module]:
         return [self.model, *self.extra_members]
 
-    @torch.no_grad()
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Class probabilities (fp32, on the device) of a batch of transformed images."""
+        mode = run_mode(self.device)
+        images = images.to(self.device, non_blocking=True, memory_format=mode.memory_format)
+        views = [images, images.flip(-1)] if tta else [images]
+        with torch.autocast(self.device.type, mode.autocast, enabled=mode.autocast is not None):
+            p = [torch.softmax(m(v).float(), 1) for m in self.members for v in views]
+        return torch.stack(p).mean(0)
+
     def predict(
         self,
         paths: Sequence[str],
@@ -68,34 +167,28 @@ class LoadedModel:
         num_workers: int = 0,
         tta: bool = False,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        prefetch: int | None = None,
     ) -> Predictions:
         """Class probabilities for ``paths`` (in order), and why any file was refused.
 
         Args:
+            num_workers: DataLoader worker processes decoding; 0: a background thread.
             tta: also score the horizontal flip of each image and average the views.
             max_pixels: images with more pixels are refused from their header, undecoded.
+            prefetch: batches a thread decodes ahead (0: decode, then run, in turn);
+                None: the device's ``RunMode.prefetch``.
         """
         size = self.meta["image_size"]
         tf = build_transform(size, self.meta["mean"], self.meta["std"], "none")
         ds = SafeImageDataset(paths, tf, size, max_pixels=max_pixels)
-        loader = DataLoader(
-            ds,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            multiprocessing_context=worker_context(num_workers),
-        )
         probs = np.zeros((len(paths), len(self.classes)), np.float32)
         ok = np.zeros(len(paths), bool)
-        for m in self.members:
-            m.eval()
-        for images, idx, good in loader:
-            images = images.to(self.device, non_blocking=True)
-            views = [images, images.flip(-1)] if tta else [images]
-            p = torch.stack(
-                [torch.softmax(m(v).float(), 1) for m in self.members for v in views]
-            ).mean(0)
-            probs[idx.numpy()] = p.cpu().numpy()
-            ok[idx.numpy()] = good.numpy()
+        mode = run_mode(self.device)
+        prefetch = mode.prefetch if prefetch is None else prefetch
+        batches = decoded_batches(ds, batch_size, num_workers, prefetch, mode.pin_memory)
+        for images, idx, good in batches:
+            probs[idx] = self.forward(images, tta).cpu().numpy()
+            ok[idx] = good
         status, errors = ["ok"] * len(paths), [""] * len(paths)
         for i in np.flatnonzero(~ok):
             status[i], errors[i] = ds.refusal(int(i))
@@ -116,7 +209,7 @@ def _load_net(
 ) -> torch.nn.Module:
     model = create_model(cfg, n_classes, pretrained=False)
     load_weights(model, storage.read_bytes(key), sha)
-    return model.to(dev).eval()
+    return model.to(dev, memory_format=run_mode(dev).memory_format).eval()
 
 
 def load_version(storage: Storage, version: str, device: str = "auto") -> LoadedModel:

@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from darkroom import layout
 from darkroom.config import ScoreConfig
-from darkroom.storage import ObjectInfo, Storage
+from darkroom.storage import LocalStorage, ObjectInfo, Storage
 from darkroom.sync import CachedObject, SyncReport, cache_path, fetch_objects, is_image_key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 PREDICTION_SCHEMA = pa.schema(
@@ -43,6 +48,9 @@ PREDICTION_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+# A remote chunk is fetched in slices of this many batches: the next slice downloads while
+# this one is decoded and scored.
+FETCH_SLICE_BATCHES = 4
 
 
 def chunk_id(pairs: Sequence[tuple[str, str]]) -> str:
@@ -67,65 +75,63 @@ def plan_chunks(pending: Sequence[tuple[str, str]], chunk_size: int) -> list[lis
     return [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
 
 
-def predictions_frame(
+def predictions_table(
     version: str,
     classes: Sequence[str],
     items: Sequence[tuple[str, str]],
     probs: np.ndarray,
     ok: np.ndarray,
-    errors: dict[str, str],
+    errors: Mapping[str, str],
     options: ScoreConfig,
     statuses: Mapping[str, str] | None = None,
-) -> pd.DataFrame:
-    """Prediction rows (the contract's columns), built column by column.
+) -> pa.Table:
+    """Prediction rows (the contract's columns, ``PREDICTION_SCHEMA``), built a column at a
+    time from the whole probability matrix; only refused rows are visited one by one.
 
     Args:
         errors: key -> why the image could not be scored (its row's error).
         statuses: key -> the status of a refused image ("too_large"...); default "unreadable".
     """
     statuses = statuses or {}
-    classes = np.asarray(classes)
-    keys = [k for k, _ in items]
-    good = ok.astype(bool) & np.array([k not in errors for k in keys], dtype=bool)
+    keys = pa.array([k for k, _ in items], pa.string())
+    good = ok.astype(bool) & ~pc.is_in(keys, pa.array(list(errors), pa.string())).to_numpy(False)
     k = min(options.topk, len(classes))
-    order = np.argsort(-probs, axis=1)[:, :k]
-    top_p = np.take_along_axis(probs, order, 1).astype(np.float32)
-    conf = np.where(good, top_p[:, 0] if k else 0.0, np.nan)
-    frame = pd.DataFrame(
-        {
-            "key": keys,
-            "etag": [e for _, e in items],
-            "label": pd.Series(classes[order[:, 0]], dtype=object).where(good, None),
-            "confidence": pd.Series(conf, dtype="float32").where(good, None),
-            "low_confidence": pd.Series(conf < options.low_confidence, dtype=object).where(
-                good, None
-            ),
-            "topk_labels": [
-                classes[o].tolist() if g else [] for o, g in zip(order, good, strict=True)
-            ],
-            "topk_probs": [p.tolist() if g else [] for p, g in zip(top_p, good, strict=True)],
-            "model_version": version,
-            "scored_at": datetime.now(UTC),
-            "status": [
-                "ok" if g else statuses.get(key, "unreadable")
-                for key, g in zip(keys, good, strict=True)
-            ],
-            "error": [
-                "" if g else errors.get(key, "could not decode the image")
-                for key, g in zip(keys, good, strict=True)
-            ],
-        }
-    )
-    return frame
+    # stable: equal probabilities keep the classes' order, so a rerun writes the same rows
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(probs, order, 1).astype(np.float32)
+    names, bad = pa.array(list(classes), pa.string()), ~good
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.where(good, k, 0))]), pa.int32())
+    status, error = np.full(len(items), "ok", object), np.full(len(items), "", object)
+    for i in np.flatnonzero(bad):
+        status[i] = statuses.get(items[i][0], "unreadable")
+        error[i] = errors.get(items[i][0], "could not decode the image")
+    columns = {
+        "key": keys,
+        "etag": pa.array([e for _, e in items], pa.string()),
+        "label": names.take(pa.array(order[:, 0], mask=bad)),
+        "confidence": pa.array(top[:, 0], mask=bad),
+        "low_confidence": pa.array(top[:, 0] < options.low_confidence, mask=bad),
+        "topk_labels": pa.ListArray.from_arrays(offsets, names.take(order[good].ravel())),
+        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(top[good].ravel())),
+        "model_version": pa.repeat(pa.scalar(version, pa.string()), len(items)),
+        "scored_at": pa.repeat(pa.scalar(datetime.now(UTC), pa.timestamp("us", "UTC")), len(items)),
+        "status": pa.array(status, pa.string()),
+        "error": pa.array(error, pa.string()),
+    }
+    return pa.Table.from_pydict(columns, schema=PREDICTION_SCHEMA)
 
 
-def write_predictions(storage: Storage, version: str, cid: str, df: pd.DataFrame) -> str:
+def write_predictions(
+    storage: Storage, version: str, cid: str, rows: pa.Table | pd.DataFrame
+) -> str:
     key = layout.predictions(version, cid)
-    storage.write_parquet(key, df, schema=PREDICTION_SCHEMA)
+    storage.write_parquet(key, rows, schema=PREDICTION_SCHEMA)
     return key
 
 
 def read_predictions(storage: Storage, version: str) -> pd.DataFrame:
+    import pandas as pd
+
     frames = [
         storage.read_parquet(o.key)
         for o in storage.list(layout.predictions(version))
@@ -180,9 +186,7 @@ def pending_chunks(
     ``version`` itself has not scored (older versions' predictions stay as they are).
     """
     listed = [(o.key, o.etag) for o in storage.list(layout.INCOMING) if is_image_key(o.key)]
-    done = scored_pairs(storage, version)
-    if not rescore:
-        done |= scored_pairs(storage, None)
+    done = scored_pairs(storage, version if rescore else None)  # None: every version's
     pending = [p for p in listed if p not in done]
     return ScorePlan(
         plan_chunks(pending, chunk_size), len(listed), len(listed) - len(pending), len(pending)
@@ -201,29 +205,29 @@ def score_chunk(
     flight.
     """
     items = [tuple(p) for p in items]
-    cid = chunk_id(items)
-    cache_dir = config.cache_path(storage)
-    report = SyncReport(prefix=layout.INCOMING)
-    objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in items]
-    local = fetch_objects(storage, objs, cache_dir, report)
-    lost = set(report.failed_keys)
-    rows = [p for p in items if p[0] not in lost]
-    result = ChunkResult(cid, None, 0, 0, 0, unfetched=len(items) - len(rows))
-    result.unfetched_reasons = {k: r for k, r in report.failed_reasons.items() if k in lost}
-    if lost:
+    result = ChunkResult(chunk_id(items), None, 0, 0, 0)
+    cache_dir, loaded, parts, cached = config.cache_path(storage), None, [], []
+    for part, local, report in _fetch_ahead(storage, config, items, cache_dir):
+        lost = set(report.failed_keys)
+        result.unfetched += len(lost)
+        result.unfetched_reasons |= {k: r for k, r in report.failed_reasons.items() if k in lost}
+        rows = [p for p in part if p[0] not in lost]
+        if rows:
+            loaded = loaded or _load(storage, config, version)
+            parts.append(_predict_part(loaded, config, rows, local, report.refused_keys))
+        cached.extend(local.values())
+    if result.unfetched:
         log.warning(
             "chunk %s: %d of %d objects could not be fetched (left for a later run), e.g. %s",
-            *(cid, len(items) - len(rows), len(items), _first(result.unfetched_reasons)),
+            *(result.chunk_id, result.unfetched, len(items), _first(result.unfetched_reasons)),
         )
-    if not rows:
+    if not parts:
         return result
-    frame = _predict_rows(storage, config, version, rows, local, report.refused_keys)
-    result.key = write_predictions(storage, version, cid, frame)
-    _prune_cache(storage, cache_dir, local.values())
-    result.images = len(frame)
-    result.failed = int((frame["status"] != "ok").sum())
-    result.low_confidence = int(frame["low_confidence"].fillna(False).astype(bool).sum())
-    result.per_class = {str(c): int(n) for c, n in frame["label"].value_counts().items()}
+    rows, probs, ok, errors, statuses = _joined(parts)
+    table = predictions_table(version, loaded.classes, rows, probs, ok, errors, config, statuses)
+    result.key = write_predictions(storage, version, result.chunk_id, table)
+    _prune_cache(storage, cache_dir, cached)
+    _tally(result, table)
     return result
 
 
@@ -231,30 +235,71 @@ def _first(reasons: Mapping[str, str]) -> str:
     return next((f"{k}: {v}" for k, v in sorted(reasons.items())), "no reason recorded")
 
 
-def _predict_rows(
-    storage: Storage,
-    config: ScoreConfig,
-    version: str,
-    items: list[tuple[str, str]],
-    local: Mapping[str, CachedObject],
-    refused_keys: Sequence[str],
-) -> pd.DataFrame:
-    """Prediction rows for fetched (or refused) pairs: a decoder's refusal is its row's
-    status and error; an unsafe key, which no retry fixes, is an unreadable row."""
+def _fetch_ahead(
+    storage: Storage, config: ScoreConfig, items: list[tuple[str, str]], cache_dir: Path
+) -> Iterator[tuple[list[tuple[str, str]], dict[str, CachedObject], SyncReport]]:
+    """``items`` in slices, each with its fetched objects and its own fetch report. A remote
+    root's slices are a few batches, and a thread downloads the next slices while the caller
+    scores this one; a local root is read in place, so its chunk is one slice."""
+    local_root = isinstance(storage, LocalStorage)
+    size = max(1, len(items) if local_root else FETCH_SLICE_BATCHES * config.batch_size)
+
+    def fetch(part):
+        report = SyncReport(prefix=layout.INCOMING)
+        objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in part]
+        local = fetch_objects(storage, objs, cache_dir, report, config.download_concurrency)
+        return part, local, report
+
+    with ThreadPoolExecutor(1, thread_name_prefix="darkroom-fetch") as pool:
+        futures = [pool.submit(fetch, items[i : i + size]) for i in range(0, len(items), size)]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:  # a chunk that fails stops fetching the rest
+            for f in futures:
+                f.cancel()
+
+
+def _load(storage: Storage, config: ScoreConfig, version: str):
     from darkroom.inference import load_version  # torch only where a model runs
 
-    loaded = load_version(storage, version, config.device)
-    paths = [local[k].path if k in local else "" for k, _ in items]
+    return load_version(storage, version, config.device)
+
+
+def _predict_part(loaded, config: ScoreConfig, rows, local, refused_keys) -> tuple:
+    """(rows, probs, ok, errors, statuses) for fetched (or refused) pairs: a decoder's refusal
+    is its row's status and error; an unsafe key, which no retry fixes, is unreadable."""
+    paths = [local[k].path if k in local else "" for k, _ in rows]
     pred = loaded.predict(
         paths, config.batch_size, config.num_workers, config.tta, config.max_image_pixels
     )
-    refused = [(k, s, e) for (k, _), s, e in zip(items, pred.status, pred.errors, strict=True)]
-    refused = [r for r in refused if r[1] != "ok"]
-    errors = {k: e for k, _, e in refused}
+    bad = [i for i, s in enumerate(pred.status) if s != "ok"]
+    errors = {rows[i][0]: pred.errors[i] for i in bad}
     errors |= {k: "refused: the key is not a safe relative path" for k in refused_keys}
-    statuses = {k: s for k, s, _ in refused}
-    return predictions_frame(
-        version, loaded.classes, items, pred.probs, pred.ok, errors, config, statuses
+    return rows, pred.probs, pred.ok, errors, {rows[i][0]: pred.status[i] for i in bad}
+
+
+def _joined(parts: list[tuple]) -> tuple:
+    """The slices' (rows, probs, ok, errors, statuses) as one, in order."""
+    rows, probs, ok, errors, statuses = zip(*parts, strict=True)
+    merge = lambda ds: {k: v for d in ds for k, v in d.items()}  # noqa: E731
+    return (
+        [p for r in rows for p in r],
+        np.concatenate(probs),
+        np.concatenate(ok),
+        merge(errors),
+        merge(statuses),
+    )
+
+
+def _tally(result: ChunkResult, table: pa.Table) -> None:
+    """The chunk's counts, from its rows' columns."""
+    result.images = table.num_rows
+    result.failed = int(pc.sum(pc.not_equal(table["status"], "ok")).as_py() or 0)
+    result.low_confidence = int(pc.sum(table["low_confidence"]).as_py() or 0)
+    counts = pc.value_counts(pc.drop_null(table["label"]))
+    result.per_class = dict(
+        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
     )
 
 

@@ -217,12 +217,15 @@ class Storage:
         return df
 
     def write_parquet(self, key: str, df, *, schema=None, meta: dict | None = None) -> str:
-        """Writes a DataFrame (with ``schema``, a pyarrow schema, when given) and an optional
-        JSON-able ``meta`` dict kept in the file's schema metadata."""
+        """Writes a DataFrame or a pyarrow Table (with ``schema``, a pyarrow schema, when
+        given) and an optional JSON-able ``meta`` dict kept in the file's schema metadata."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+        if isinstance(df, pa.Table):
+            table = df if schema is None else df.cast(schema)
+        else:
+            table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
         if meta is not None:
             merged = {**(table.schema.metadata or {}), PARQUET_META: json.dumps(meta).encode()}
             table = table.replace_schema_metadata(merged)

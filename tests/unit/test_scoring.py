@@ -22,7 +22,7 @@ from darkroom.scoring import (
     write_predictions,
 )
 from darkroom.sync import sync_prefix
-from tests.conftest import PREDICTION_COLUMNS, TINY, write_digits
+from tests.conftest import PREDICTION_COLUMNS, TINY, png_bytes, write_digits
 
 CLASSES = ["0", "1", "2"]
 
@@ -50,9 +50,10 @@ def loaded(tiny_model):
 
 def predictions_frame(loaded, items, probs, ok, errors, topk, low_confidence=0.5):
     options = ScoreConfig(topk=topk, low_confidence=low_confidence)
-    return scoring.predictions_frame(
+    table = scoring.predictions_table(
         loaded.version, loaded.classes, items, probs, ok, errors, options
     )
+    return table.to_pandas()
 
 
 @pytest.fixture
@@ -253,3 +254,139 @@ def test_chunk_of_only_unreadable_files_is_written(local_storage, loaded, tmp_pa
     assert (back["status"] == "unreadable").all()
     assert back["label"].isna().all() and back["confidence"].isna().all()
     assert scored_pairs(local_storage, "v1") == set(items)
+
+
+# ---- rows by columns, overlapped decoding, the chunk path ---------------------------------
+
+
+def _rows_one_by_one(version, classes, items, probs, ok, errors, statuses, topk, low):
+    """The contract's rows built the plain way, one dict per row: the reference."""
+    rows = []
+    for (key, etag), p, usable in zip(items, probs, ok, strict=True):
+        good = bool(usable) and key not in errors
+        top = sorted(range(len(classes)), key=lambda j: (-p[j], j))[: min(topk, len(classes))]
+        conf = float(np.float32(p[top[0]]))
+        rows.append(
+            {
+                "key": key,
+                "etag": etag,
+                "label": classes[top[0]] if good else None,
+                "confidence": conf if good else None,
+                "low_confidence": conf < low if good else None,
+                "topk_labels": [classes[j] for j in top] if good else [],
+                "topk_probs": [float(np.float32(p[j])) for j in top] if good else [],
+                "model_version": version,
+                "status": "ok" if good else statuses.get(key, "unreadable"),
+                "error": "" if good else errors.get(key, "could not decode the image"),
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize("topk", [1, 3, 9])
+def test_rows_by_columns_equal_rows_built_one_by_one(topk):
+    classes = ["cat", "dog", "emu", "fox", "gnu"]
+    rng = np.random.default_rng(topk)
+    probs = rng.dirichlet(np.ones(5), size=7).astype(np.float32)
+    probs[2] = [0.1, 0.3, 0.3, 0.2, 0.1]  # ties: the lower class index comes first
+    probs[4] = 0.0  # a refused file's row of zeros
+    items = [(f"incoming/{i}.png", f"e{i}") for i in range(7)]
+    ok = np.array([1, 1, 1, 1, 0, 1, 0], bool)
+    errors = {"incoming/5.png": "refused: the key is not a safe relative path"}
+    errors |= {"incoming/6.png": "9000x9000 pixels exceeds max_image_pixels"}
+    statuses = {"incoming/6.png": "too_large"}
+    options = ScoreConfig(topk=topk, low_confidence=0.4)
+    table = scoring.predictions_table("v9", classes, items, probs, ok, errors, options, statuses)
+
+    assert table.schema == PREDICTION_SCHEMA
+    got = table.to_pylist()
+    assert len({r.pop("scored_at") for r in got}) == 1  # one time for the whole chunk
+    assert got == _rows_one_by_one("v9", classes, items, probs, ok, errors, statuses, topk, 0.4)
+    assert [r["status"] for r in got] == ["ok"] * 4 + ["unreadable"] * 2 + ["too_large"]
+    assert got[2]["topk_labels"] == ["dog", "emu", "fox", "cat", "gnu"][:topk]
+
+
+@pytest.fixture
+def scoring_files(tmp_path, incoming):
+    """The incoming digits and broken file, an image over 2,000 pixels, and no file at all."""
+    _, paths = incoming
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(size=48))
+    return [*paths, str(big), "", *paths]
+
+
+def test_overlapped_decoding_gives_the_sequential_results(loaded, scoring_files):
+    runs = [
+        loaded.predict(scoring_files, batch_size=2, max_pixels=2000, prefetch=n) for n in (0, 1, 3)
+    ]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(run.probs, runs[0].probs)
+        assert (run.ok.tolist(), run.status, run.errors) == (
+            runs[0].ok.tolist(),
+            runs[0].status,
+            runs[0].errors,
+        )
+    broken, digits = ["unreadable"], ["ok"] * 3  # the incoming fixture, sorted
+    assert runs[0].status == [*broken, *digits, "too_large", "unreadable", *broken, *digits]
+
+
+def test_forward_is_the_models_own_softmax_on_a_cpu(loaded):
+    images = torch.rand(5, 3, TINY.image_size, TINY.image_size)
+    with torch.no_grad():
+        before = torch.softmax(loaded.model(images).float(), 1)
+    np.testing.assert_array_equal(loaded.forward(images).numpy(), before.numpy())
+    assert not loaded.forward(images).requires_grad
+    assert inference.run_mode(torch.device("cpu")) == inference.RunMode()
+    cuda = inference.run_mode(torch.device("cuda"))
+    assert (cuda.autocast, cuda.memory_format) == (torch.bfloat16, torch.channels_last)
+    assert cuda.prefetch > 0 and cuda.pin_memory
+
+
+@pytest.mark.slow
+def test_loader_workers_give_the_threads_results(loaded, scoring_files):
+    threads = loaded.predict(scoring_files, batch_size=2, max_pixels=2000)
+    workers = loaded.predict(scoring_files, batch_size=2, max_pixels=2000, num_workers=1)
+    np.testing.assert_array_equal(workers.probs, threads.probs)
+    assert (workers.ok.tolist(), workers.status) == (threads.ok.tolist(), threads.status)
+
+
+def test_score_chunk_rows_are_the_models_predictions(local_storage, tiny_model, incoming):
+    model, meta = tiny_model
+    _write_version(local_storage, "v2", model, meta)
+    local_storage.put_source_object("incoming/big.png", png_bytes(size=48))
+    items = sorted((o.key, o.etag) for o in local_storage.list("incoming/"))
+    config = ScoreConfig(
+        storage=local_storage.uri, device="cpu", batch_size=2, max_image_pixels=2000, topk=2
+    )
+    result = scoring.score_chunk(local_storage, config, "v2", items)
+
+    back = read_predictions(local_storage, "v2")
+    assert result.key == f"predictions/v2/{chunk_id(items)}.parquet"
+    assert back["key"].tolist() == [k for k, _ in items]
+    paths = [str(local_storage.root / k) for k, _ in items]
+    pred = inference.load_version(local_storage, "v2", "cpu").predict(paths, max_pixels=2000)
+    statuses = dict(zip(back["key"], back["status"], strict=True))
+    assert statuses.pop("incoming/big.png") == "too_large"
+    assert statuses.pop("incoming/broken.png") == "unreadable"
+    assert set(statuses.values()) == {"ok"}
+    good = back["status"] == "ok"
+    np.testing.assert_allclose(back["confidence"][good], pred.probs[good].max(1), rtol=1e-6)
+    assert back["label"][good].tolist() == [CLASSES[i] for i in pred.probs[good].argmax(1)]
+    assert (result.images, result.failed, result.unfetched) == (len(items), 2, 0)
+    assert sum(result.per_class.values()) == good.sum()
+    assert result.low_confidence == int((back["confidence"][good] < 0.5).sum())
+
+
+def test_pending_pairs_new_or_not_scored_by_this_version(local_storage):
+    for i in range(4):
+        local_storage.put_source_object(f"incoming/{i}.png", png_bytes(value=i))
+    pairs = sorted((o.key, o.etag) for o in local_storage.list("incoming/"))
+    for version, scored in (("old", pairs[:1]), ("new", pairs[1:2])):
+        ok = np.ones(len(scored), bool)
+        probs = np.full((len(scored), 3), 1 / 3, np.float32)
+        rows = scoring.predictions_table(version, CLASSES, scored, probs, ok, {}, ScoreConfig())
+        write_predictions(local_storage, version, chunk_id(scored), rows)
+    fresh = scoring.pending_chunks(local_storage, "new", chunk_size=10)
+    assert fresh.chunks == [pairs[2:]] and (fresh.already_scored, fresh.to_score) == (2, 2)
+    again = scoring.pending_chunks(local_storage, "new", chunk_size=10, rescore=True)
+    assert again.chunks == [[pairs[0], *pairs[2:]]] and again.to_score == 3

@@ -1,0 +1,224 @@
+"""Scoring at the model's speed: storage-to-Parquet images/s against the model alone.
+
+Writes a local storage root with labeled digits and N unlabeled 32 px PNGs (5,000; quick: 500),
+trains a resnet18 at 32 px for one epoch (the weights do not matter) and promotes it, then, in
+one process and side by side:
+
+- model-only img/s: the champion's own forward pass (``LoadedModel.forward``: same model,
+  batch size, device and precision) on tensors made beforehand, under ``inference_mode``;
+- end-to-end img/s: ``pending_chunks`` + ``score_chunk`` on every chunk (fetch, decode, resize,
+  model, rows, Parquet write), with the model already loaded;
+- ``p2_score_efficiency`` = end-to-end / model-only (target >= 0.85), the two timed a chunk of
+  each in turn, three rounds, the median round's;
+- ``predict`` alone (decode + model) decoding in turn, with a thread ahead, with a DataLoader
+  worker: which way is faster on this machine;
+- ``startup_seconds``: the real ``darkroom score`` CLI on the same root once everything is
+  scored (nothing to score: its fixed cost, imports + Prefect server + flow run), and the
+  imports alone.
+
+    python benchmarks/bench_score.py [--quick] [--images N] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _write_images(storage, n_incoming: int) -> None:
+    """Labeled digits (4 classes) and ``n_incoming`` real digit PNGs under incoming/."""
+    from sklearn.datasets import load_digits
+
+    from darkroom.demo import digit_png
+
+    digits = load_digits()
+    for i in range(200):
+        if digits.target[i] < 4:
+            storage.put_source_object(
+                f"labeled/{digits.target[i]}/d-{i:04d}.png", digit_png(digits.data[i], 32)
+            )
+    m = len(digits.target)
+    for j in range(n_incoming):
+        # one digit seen through many names: every file a real PNG, every key its own
+        png = digit_png(digits.data[j % m], 32)
+        storage.put_source_object(f"incoming/batch-{j // 1000:02d}/img-{j:05d}.png", png)
+
+
+def make_champion(folder: Path, n_incoming: int, device: str) -> tuple[object, str, object]:
+    """A storage root with a promoted resnet18 (32 px, 1 epoch, 2 folds) and the images.
+
+    Returns the storage, the champion version and the ScoreConfig to score it with.
+    """
+    from darkroom import registry
+    from darkroom.config import RetrainConfig, ScoreConfig
+    from darkroom.demo import DEMO_TRAIN
+    from darkroom.index import rebuild_index
+    from darkroom.storage import open_storage
+    from darkroom.sync import sync_labeled
+    from darkroom.train import finalize_candidate, train_fold
+
+    storage = open_storage(f"file://{folder / 'bucket'}")
+    _write_images(storage, n_incoming)
+    train = DEMO_TRAIN.model_copy(update={"epochs": 1, "folds": 2, "batch_size": 32})
+    cache = str(folder / "cache")
+    config = RetrainConfig(storage=storage.uri, cache_dir=cache, device=device, train=train)
+    sync_labeled(storage, config)
+    snap = rebuild_index(storage, config, "bench").snapshot
+    version = registry.new_version(snap, train.fingerprint())
+    folds = [train_fold(storage, config, snap, version, k) for k in range(train.folds)]
+    finalize_candidate(storage, train, snap, version, folds)
+    registry.promote(
+        storage, version, expected_etag=None, action="promote", reason="benchmark champion"
+    )
+    return storage, version, ScoreConfig(storage=storage.uri, cache_dir=cache, device=device)
+
+
+def model_seconds(loaded, batches: list, n: int) -> float:
+    """Seconds of the forward pass alone on ``n`` images of ``batches`` (made beforehand)."""
+    todo = batches[: -(-n // len(batches[0]))]
+    t0 = time.perf_counter()
+    for b in todo:
+        loaded.forward(b).cpu()  # probabilities reach the host, as scoring needs them
+    return time.perf_counter() - t0
+
+
+def side_by_side(loaded, storage, config, version: str) -> tuple[float, float, int]:
+    """Seconds of end-to-end scoring (``pending_chunks`` + ``score_chunk`` on every chunk: fetch,
+    decode, resize, model, rows, Parquet) and of the model alone on as many images, a chunk
+    of each in turn: a shared machine's load changes by the second, and each pair sees the
+    same. Returns (end-to-end seconds, model-only seconds, rows written)."""
+    import torch
+
+    from darkroom import layout
+    from darkroom.scoring import pending_chunks, score_chunk
+
+    size, bs = loaded.meta["image_size"], config.batch_size
+    batches = [
+        torch.rand(bs, 3, size, size).to(loaded.device) for _ in range(-(-config.chunk_size // bs))
+    ]
+    loaded.forward(batches[0])  # warm-up: cuDNN picks its kernels here
+    for obj in storage.list(layout.predictions(version)):  # every round scores all again
+        storage.delete(obj.key)
+    t0 = time.perf_counter()
+    plan = pending_chunks(storage, version, config.chunk_size)
+    e2e, model, rows = time.perf_counter() - t0, 0.0, 0
+    for chunk in plan.chunks:
+        t0 = time.perf_counter()
+        rows += score_chunk(storage, config, version, chunk).images
+        e2e += time.perf_counter() - t0
+        model += model_seconds(loaded, batches, len(chunk))
+    return e2e, model, rows
+
+
+def decode_paths(loaded, storage, config) -> dict[str, float]:
+    """img/s of ``predict`` (decode + model, no fetch, no rows) over the incoming files in
+    chunks, for each way of decoding, in turn on each chunk: decoding in turn, a thread
+    decoding ahead, a DataLoader worker (started per chunk, as ``score_chunk`` does)."""
+    files = [str(storage.local_path(o.key)) for o in storage.list("incoming/")]
+    chunks = [files[i : i + config.chunk_size] for i in range(0, len(files), config.chunk_size)]
+    ways = {"in_turn": {"prefetch": 0}, "thread": {"prefetch": 2}, "worker": {"num_workers": 1}}
+    seconds = dict.fromkeys(ways, 0.0)
+    for chunk in chunks:
+        for name, options in ways.items():
+            t0 = time.perf_counter()
+            loaded.predict(chunk, config.batch_size, **options)
+            seconds[name] += time.perf_counter() - t0
+    return {f"predict_{k}_img_s": round(len(files) / v, 1) for k, v in seconds.items()}
+
+
+def startup(storage_uri: str, device: str) -> dict:
+    """The ``darkroom score`` CLI's fixed cost, run for real with nothing left to score."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "darkroom.cli", "score", "--storage", storage_uri]
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [*cmd, "--device", device], env=env, capture_output=True, text=True, check=False
+    )
+    total = time.perf_counter() - t0
+    if out.returncode != 0 or '"scored": 0' not in out.stdout:
+        raise RuntimeError(f"darkroom score failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+    t0 = time.perf_counter()
+    imports = "import darkroom.cli, flows.score"
+    subprocess.run([sys.executable, "-c", imports], env=env, check=True)
+    return {
+        "startup_seconds": round(total, 2),
+        "startup_imports_seconds": round(time.perf_counter() - t0, 2),
+        "prefect_api_url": os.environ.get("PREFECT_API_URL") or "temporary server",
+    }
+
+
+def run(quick: bool = False, images: int | None = None, device: str = "auto") -> dict:
+    """Measures everything above in one process; returns a JSON-able dict."""
+    import torch
+
+    from darkroom.inference import load_version
+
+    n = images or (500 if quick else 5000)
+    with tempfile.TemporaryDirectory(prefix="darkroom-bench-score-") as tmp:
+        storage, version, config = make_champion(Path(tmp), n, device)
+        t0 = time.perf_counter()
+        loaded = load_version(storage, version, config.device)
+        load_s = time.perf_counter() - t0
+        rounds = []
+        for _ in range(3):
+            e2e, model, rows = side_by_side(loaded, storage, config, version)
+            if rows != n:
+                raise RuntimeError(f"scored {rows} rows of {n} images")
+            rounds.append((model / e2e, n / e2e, n / model))
+        ratio, e2e_ips, model_ips = sorted(rounds)[1]  # the median round
+        details = {
+            "images": n,
+            "end_to_end_img_s": round(e2e_ips, 1),
+            "model_only_img_s": round(model_ips, 1),
+            "ratios_of_rounds": [round(r[0], 3) for r in rounds],
+            "model_load_seconds": round(load_s, 2),
+            "batch_size": config.batch_size,
+            "chunk_size": config.chunk_size,
+            "num_workers": config.num_workers,
+            "device": _device_name(loaded.device),
+            **decode_paths(loaded, storage, config),
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            **startup(storage.uri, device),
+        }
+    return {"p2_score_efficiency": round(ratio, 3), "details": details}
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="500 images instead of 5,000")
+    p.add_argument("--images", type=int, help="unlabeled images to score")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    result = run(a.quick, a.images, a.device)
+    d = result["details"]
+    print(f"{'device':<28}{d['device']}")
+    print(f"{'images':<28}{d['images']}")
+    print(f"{'model only (img/s)':<28}{d['model_only_img_s']}")
+    print(f"{'end to end (img/s)':<28}{d['end_to_end_img_s']}")
+    print(f"{'p2_score_efficiency':<28}{result['p2_score_efficiency']}  (target >= 0.85)")
+    for way in ("in_turn", "thread", "worker"):
+        print(f"{'  predict, ' + way + ' (img/s)':<28}{d[f'predict_{way}_img_s']}")
+    print(f"{'CLI start-up (s)':<28}{d['startup_seconds']}  ({d['prefect_api_url']})")
+    print(f"{'  of which imports (s)':<28}{d['startup_imports_seconds']}")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
