@@ -91,9 +91,8 @@ class StreamedPlan:
         return self.incoming - self.already_scored
 
     def chunks(self) -> Iterator[list[tuple[str, str]]]:
-        done = scored_pairs(self.storage, self.version)
-        if not self.rescore:
-            done |= scored_pairs(self.storage, None)
+        # Every version's pairs include this version's: one read of each predictions file.
+        done = scored_pairs(self.storage, self.version if self.rescore else None)
         chunk: list[tuple[str, str]] = []
         for obj in self.storage.list(layout.INCOMING):
             if not is_image_key(obj.key):

@@ -336,7 +336,7 @@ def fit(
     With ``checkpoint``, the state is saved there every ``checkpoint_every`` seconds at most
     (0: every epoch) and after the last epoch; a later call continues from the last saved epoch.
     CUDA out of memory restarts from that epoch with half the batch and twice the accumulation
-    steps (the same effective batch). Without validation images the last epoch is kept.
+    steps. Without validation images the last epoch is kept.
 
     Args:
         data: The fold's train and validation images.
@@ -365,12 +365,8 @@ def fit(
         # Out here the traceback is gone, so the failed attempt's GPU memory can be freed.
         saved = trainer = None
         batch, accum = batch // 2, accum * 2
-        log.warning(
-            "CUDA out of memory: retrying from the last checkpoint with batch size "
-            "%d x %d accumulation steps",
-            batch,
-            accum,
-        )
+        msg = "CUDA out of memory: retrying from the last checkpoint with batch %d x %d steps"
+        log.warning(msg, batch, accum)
         release_memory()
 
 
