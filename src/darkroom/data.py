@@ -303,6 +303,24 @@ def _augment_ops(image_size: int, augment: str) -> list:
     return ops
 
 
+def uint8_affine(
+    mean: Sequence[float], std: Sequence[float], device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """255 mean and 1 / (255 std) as NCHW-broadcastable tensors on ``device``: with them,
+    ``normalise_uint8`` is albumentations' Normalize, ``(x - 255 mean) * (1 / (255 std))`` in
+    float32."""
+    shift = np.asarray(mean, np.float32) * np.float32(255)
+    scale = np.reciprocal(np.asarray(std, np.float32) * np.float32(255))
+    return tuple(torch.from_numpy(v).view(1, -1, 1, 1).to(device) for v in (shift, scale))
+
+
+def normalise_uint8(images: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor]):
+    """NHWC uint8 pixels as a model's input: NCHW float32 (channels-last memory; the permute
+    moves no data), the same to the bit as ``build_transform``'s Normalize + ToTensorV2."""
+    shift, scale = affine
+    return images.permute(0, 3, 1, 2).float().sub_(shift).mul_(scale)
+
+
 def _leading_resize(transform) -> int | None:
     """The side a transform that starts with a Resize makes: decoding more is wasted."""
     first = next(iter(getattr(transform, "transforms", ())), None)

@@ -1,9 +1,11 @@
 """Running a saved model version on image files: load it once per process (checking its
 weights' sha256), predict class probabilities. No storage listing, no Prefect.
 
-Scoring runs at the model's speed: ``inference_mode``; on CUDA bf16 autocast, channels_last and
-the next batches decoded (by evaluation's own ``SafeImageDataset``) while the GPU runs this one;
-a CPU runs fp32 as evaluation does (``RUN_MODES``, a table by device type).
+Scoring runs at the model's speed: ``inference_mode``; images decoded and squashed to the model's
+size by evaluation's own ``SafeImageDataset`` and kept uint8, then normalised a whole batch at a
+time on the device (``build_transform``'s numbers to the bit, without its per-image float work);
+on CUDA bf16 autocast, channels_last and the next batches decoded while the GPU runs this one; a
+CPU runs fp32 as evaluation does (``RUN_MODES``, a table by device type).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from darkroom import layout
+from darkroom.cache import resize_square
 from darkroom.config import TrainConfig
 from darkroom.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
     SafeImageDataset,
-    build_transform,
+    normalise_uint8,
+    uint8_affine,
     worker_context,
 )
 from darkroom.model import create_model, load_weights, resolve_device
@@ -73,6 +77,25 @@ class Predictions:
     ok: np.ndarray
     status: list[str]
     errors: list[str]
+
+
+class _Squash:
+    """``build_transform``'s leading Resize alone, uint8 HWC in and out; its Normalize and
+    ToTensorV2 run on the whole batch, on the device (``LoadedModel.forward``)."""
+
+    def __init__(self, side: int):
+        self.side = side
+
+    def __call__(self, *, image: np.ndarray) -> dict:
+        return {"image": torch.from_numpy(np.ascontiguousarray(resize_square(image, self.side)))}
+
+
+def scoring_images(paths: Sequence[str], size: int, max_pixels: int) -> SafeImageDataset:
+    """Evaluation's dataset over ``paths`` yielding uint8 ``size x size x 3`` pixels (a refused
+    file: black pixels, flagged not ok)."""
+    ds = SafeImageDataset(paths, _Squash(size), size, max_pixels=max_pixels)
+    ds.blank = torch.zeros(size, size, 3, dtype=torch.uint8)
+    return ds
 
 
 Batch = tuple[torch.Tensor, np.ndarray, np.ndarray]  # images, item indices, usable flags
@@ -142,6 +165,10 @@ class LoadedModel:
         for m in self.members:
             m.to(memory_format=fmt).eval()
 
+    @functools.cached_property
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return uint8_affine(self.meta["mean"], self.meta["std"], self.device)
+
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
@@ -152,9 +179,14 @@ class LoadedModel:
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Class probabilities (fp32, on the device) of a batch of transformed images."""
+        """Class probabilities (fp32, on the device) of a batch: NHWC uint8 pixels at the
+        model's size (normalised here), or tensors already normalised as ``build_transform``
+        makes them."""
         mode = run_mode(self.device)
-        images = images.to(self.device, non_blocking=True, memory_format=mode.memory_format)
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:  # NHWC pixels from scoring_images
+            images = normalise_uint8(images, self._affine)
+        images = images.contiguous(memory_format=mode.memory_format)
         views = [images, images.flip(-1)] if tta else [images]
         with torch.autocast(self.device.type, mode.autocast, enabled=mode.autocast is not None):
             p = [torch.softmax(m(v).float(), 1) for m in self.members for v in views]
@@ -179,8 +211,7 @@ class LoadedModel:
                 None: the device's ``RunMode.prefetch``.
         """
         size = self.meta["image_size"]
-        tf = build_transform(size, self.meta["mean"], self.meta["std"], "none")
-        ds = SafeImageDataset(paths, tf, size, max_pixels=max_pixels)
+        ds = scoring_images(paths, size, max_pixels)
         probs = np.zeros((len(paths), len(self.classes)), np.float32)
         ok = np.zeros(len(paths), bool)
         mode = run_mode(self.device)

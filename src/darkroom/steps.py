@@ -14,7 +14,13 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
 from darkroom.config import TrainConfig
-from darkroom.data import DEFAULT_MAX_IMAGE_PIXELS, ImageDataset, worker_context
+from darkroom.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageDataset,
+    normalise_uint8,
+    uint8_affine,
+    worker_context,
+)
 from darkroom.feed import FoldLoader, resolve_workers, shutdown_workers, worker_init
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.2, 1.0
@@ -131,24 +137,14 @@ def to_device(images, labels, device, opts: StepOptions):
 
 
 def normalise(images: torch.Tensor, opts: StepOptions) -> torch.Tensor:
-    """NHWC uint8 pixels as the model's input, ``(x / 255 - mean) / std``: NCHW float32 in
-    channels-last memory (the permute moves no data). The arithmetic is albumentations'
-    Normalize's, ``(x - 255 mean) * (1 / (255 std))`` in float32, so the tensors are the file
-    path's to the bit."""
-    shift, scale = opts._affine.get(images.device) or _affine(images.device, opts)
-    return images.permute(0, 3, 1, 2).float().sub_(shift).mul_(scale)
-
-
-def _affine(device, opts: StepOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """255 mean and 1 / (255 std) on ``device``, made once: a copy per batch would wait for
-    the GPU."""
+    """NHWC uint8 pixels as the model's input (``data.normalise_uint8``), with ``opts``'
+    mean/std made into tensors once per device: a copy per batch would wait for the GPU."""
     if opts.mean is None or opts.std is None:
         raise ValueError("a uint8 batch needs StepOptions.mean and .std to be normalised")
-    shift = np.asarray(opts.mean, np.float32) * np.float32(255)
-    scale = np.reciprocal(np.asarray(opts.std, np.float32) * np.float32(255))
-    pair = tuple(torch.from_numpy(v).view(1, -1, 1, 1).to(device) for v in (shift, scale))
-    opts._affine[device] = pair
-    return pair
+    affine = opts._affine.get(images.device)
+    if affine is None:
+        affine = opts._affine[images.device] = uint8_affine(opts.mean, opts.std, images.device)
+    return normalise_uint8(images, affine)
 
 
 def _forward(model, images, labels, criterion, opts: StepOptions):

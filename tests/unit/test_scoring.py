@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from darkroom import inference, scoring
 from darkroom.config import ScoreConfig
+from darkroom.data import build_transform, read_rgb
 from darkroom.inference import LoadedModel, align_probs
 from darkroom.model import create_model, mean_std, sha256, to_bytes
 from darkroom.scoring import (
@@ -340,6 +342,29 @@ def test_forward_is_the_models_own_softmax_on_a_cpu(loaded):
     cuda = inference.run_mode(torch.device("cuda"))
     assert (cuda.autocast, cuda.memory_format) == (torch.bfloat16, torch.channels_last)
     assert cuda.prefetch > 0 and cuda.pin_memory
+
+
+def test_predict_equals_the_model_on_evaluations_own_tensors(loaded, scoring_files, tmp_path):
+    """Scoring keeps pixels uint8 and normalises whole batches on the device; the result is
+    the model on ``build_transform``'s per-image float tensors, to the bit on a CPU."""
+    rgba = tmp_path / "rgba.png"  # alpha, and a size that needs the resize
+    cv2.imwrite(str(rgba), np.random.default_rng(0).integers(0, 256, (37, 23, 4), np.uint8))
+    paths = [*scoring_files, str(rgba)]
+    got = loaded.predict(paths, batch_size=3, max_pixels=2000)
+    meta = loaded.meta
+    tf = build_transform(meta["image_size"], meta["mean"], meta["std"], "none")
+    usable = [i for i, ok in enumerate(got.ok) if ok]
+    assert len(usable) == 7 and got.ok[-1]
+    images = torch.stack([tf(image=read_rgb(paths[i]))["image"] for i in usable])
+    ds = inference.scoring_images([paths[i] for i in usable], meta["image_size"], 2000)
+    pixels = torch.stack([ds[i][0] for i in range(len(usable))])
+    assert pixels.dtype == torch.uint8
+    normalised = inference.normalise_uint8(pixels, loaded._affine)
+    torch.testing.assert_close(normalised, images, rtol=0, atol=0)  # the same input, bit for bit
+    with torch.no_grad():
+        want = torch.softmax(loaded.model(images).float(), 1).numpy()
+    # other batch sizes may sum the convolutions in another order: a few float32 ulps
+    np.testing.assert_allclose(got.probs[usable], want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
