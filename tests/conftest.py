@@ -103,3 +103,32 @@ def train_candidate(storage: Storage, cache_dir, train: TrainConfig = TINY) -> s
     folds = [train_fold(storage, config, snap, version, k) for k in range(train.folds)]
     finalize_candidate(storage, train, snap, version, folds)
     return version
+
+
+def finished_task_runs(
+    api: str, flow_run_id: str, prefix: str, count: int, timeout: float = 120.0
+) -> list[dict]:
+    """The flow run's task runs named ``prefix...``, by name, once ``count`` of them have ended.
+
+    The server records task runs from the events their workers send, a moment after the flow
+    has its results (later on a loaded machine), so this asks again until they are all there.
+    """
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = (
+            httpx.post(
+                f"{api}/task_runs/filter",
+                json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200},
+                timeout=30,
+            )
+            .raise_for_status()
+            .json()
+        )
+        runs = sorted((r for r in runs if r["name"].startswith(prefix)), key=lambda r: r["name"])
+        if sum(r["end_time"] is not None for r in runs) >= count or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)

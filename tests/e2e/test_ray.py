@@ -22,7 +22,7 @@ from darkroom.scoring import read_predictions
 from darkroom.storage import LocalStorage
 from flows.retrain import nightly_retrain
 from flows.score import score_new_images
-from tests.conftest import LEARNS, write_digits
+from tests.conftest import LEARNS, finished_task_runs, write_digits
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +48,6 @@ def fake_gpu_ray(api):
         ray.init(num_cpus=2, num_gpus=2, dashboard_port=_free_port())  # dashboard: state API
     yield
     ray.shutdown()
-
-
-def _task_runs(api: str, flow_run_id: str, prefix: str) -> list[dict]:
-    runs = (
-        httpx.post(
-            f"{api}/task_runs/filter",
-            json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200},
-        )
-        .raise_for_status()
-        .json()
-    )
-    return sorted((r for r in runs if r["name"].startswith(prefix)), key=lambda r: r["name"])
 
 
 def _flow_run_id(api: str, flow_name: str) -> str:
@@ -139,7 +127,7 @@ def test_folds_and_chunks_run_on_ray_with_the_thread_runners_result(api, fake_gp
     assert os.getpid() not in {t.worker_pid for t in folds}
     # ... and they trained at the same time: each started before the other ended (the
     # server's record of the retrain's task runs).
-    runs = _task_runs(api, _flow_run_id(api, "nightly-retrain"), "train-fold-")
+    runs = finished_task_runs(api, _flow_run_id(api, "nightly-retrain"), "train-fold-", 2)
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
     first, second = runs
     assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]
@@ -163,5 +151,5 @@ def test_folds_and_chunks_run_on_ray_with_the_thread_runners_result(api, fake_gp
     assert len(chunks) == 2 and os.getpid() not in {t.worker_pid for t in chunks}
     # Up to four chunks in flight on two GPUs: half a GPU each.
     assert all(t.required_resources.get("GPU") == 0.5 for t in chunks)
-    runs = _task_runs(api, _flow_run_id(api, "score-new-images"), "score-chunk-")
+    runs = finished_task_runs(api, _flow_run_id(api, "score-new-images"), "score-chunk-", 2)
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]

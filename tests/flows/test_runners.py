@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
-import httpx
 import pytest
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -19,7 +18,7 @@ from darkroom.scoring import read_predictions
 from darkroom.storage import LocalStorage
 from flows.score import StreamedPlan, score_new_images
 from tasks.runners import submit_bounded, task_runner
-from tests.conftest import TINY, train_candidate, write_digits
+from tests.conftest import TINY, finished_task_runs, train_candidate, write_digits
 
 LIMIT = 3
 _lock = threading.Lock()
@@ -93,15 +92,8 @@ def test_scoring_never_runs_more_chunks_than_max_chunks_in_flight(local_storage,
     summary = state.result()
     assert summary["scored"] == 6 and summary["chunks"] == 6
     assert len(read_predictions(local_storage, version)) == 6
-    runs = (
-        httpx.post(
-            f"{PREFECT_API_URL.value()}/task_runs/filter",
-            json={"flow_runs": {"id": {"any_": [str(state.state_details.flow_run_id)]}}},
-        )
-        .raise_for_status()
-        .json()
-    )
-    chunks = [r for r in runs if r["name"].startswith("score-chunk-")]
+    flow_run_id = str(state.state_details.flow_run_id)
+    chunks = finished_task_runs(PREFECT_API_URL.value(), flow_run_id, "score-chunk-", 6)
     assert len(chunks) == 6 and all(r["state_type"] == "COMPLETED" for r in chunks)
     assert 1 <= _overlap_peak(chunks) <= 2
 
