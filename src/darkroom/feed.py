@@ -37,7 +37,10 @@ def resolve_workers(num_workers: int | str) -> int:
     of two cores or fewer, where a worker only takes the step's second core."""
     if num_workers != "auto":
         return int(num_workers)
-    cores = len(os.sched_getaffinity(0))
+    # the cores this process may use (Linux); elsewhere (macOS, Windows) the machine's
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     return cores - 1 if cores > 2 else 0
 
 
