@@ -43,6 +43,13 @@ DECODE_VERSION = 1
 _STALE_TEMP_SECONDS = 3600  # a temporary file this old was left by a killed build
 
 
+def usable_cores() -> int:
+    """The cores this process may use (its CPU affinity on Linux; elsewhere the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resize_square(rgb: np.ndarray, side: int) -> np.ndarray:
     """``rgb`` squashed to ``side x side`` exactly as ``build_transform``'s leading
     ``A.Resize(side, side)`` does it (bilinear OpenCV; unchanged when already that size)."""
@@ -115,7 +122,7 @@ class DecodedCache:
         todo = [i for i, image_id in enumerate(ids) if not self._touch(image_id)]
         if todo:
             log.info("decoding %d of %d images into %s", len(todo), len(ids), self.root)
-        pool = ThreadPoolExecutor(max(1, threads or len(os.sched_getaffinity(0))))
+        pool = ThreadPoolExecutor(max(1, threads or usable_cores()))
         try:
             jobs = [pool.submit(self._decode, ids[i], paths[i], max_pixels) for i in todo]
             for done, job in enumerate(jobs, 1):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import functools
 import math
-import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from darkroom.cache import load_entry
+from darkroom.cache import load_entry, usable_cores
 from darkroom.data import augmentation, worker_context
 
 if TYPE_CHECKING:
@@ -37,10 +36,7 @@ def resolve_workers(num_workers: int | str) -> int:
     of two cores or fewer, where a worker only takes the step's second core."""
     if num_workers != "auto":
         return int(num_workers)
-    # the cores this process may use (Linux); elsewhere (macOS, Windows) the machine's
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    cores = usable_cores()
     return cores - 1 if cores > 2 else 0
 
 
