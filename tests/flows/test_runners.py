@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.settings import PREFECT_API_URL
+from prefect.client.orchestration import get_client
 
 from darkroom import layout, registry
 from darkroom.config import RetrainConfig, ScoreConfig
@@ -92,8 +92,12 @@ def test_scoring_never_runs_more_chunks_than_max_chunks_in_flight(local_storage,
     summary = state.result()
     assert summary["scored"] == 6 and summary["chunks"] == 6
     assert len(read_predictions(local_storage, version)) == 6
+    # Ask the server this flow ran against, through the client it used (not a URL setting
+    # that another test's environment may have changed).
+    with get_client(sync_client=True) as client:
+        api = str(client.api_url).rstrip("/")
     flow_run_id = str(state.state_details.flow_run_id)
-    chunks = finished_task_runs(PREFECT_API_URL.value(), flow_run_id, "score-chunk-", 6)
+    chunks = finished_task_runs(api, flow_run_id, "score-chunk-", 6)
     assert len(chunks) == 6 and all(r["state_type"] == "COMPLETED" for r in chunks)
     assert 1 <= _overlap_peak(chunks) <= 2
 
