@@ -1,4 +1,4 @@
-"""Scoring tasks: plan the chunks, then one task per chunk of many images."""
+"""Scoring tasks: one task per chunk of many images (the flow plans the chunks as it goes)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,6 @@ from darkroom import scoring
 from darkroom.config import ScoreConfig
 from darkroom.storage import open_storage
 from tasks.common import io_task
-
-
-@io_task(name="plan-chunks")
-def plan_chunks(config: ScoreConfig, version: str, rescore: bool = False) -> scoring.ScorePlan:
-    storage = open_storage(config.storage)
-    return scoring.pending_chunks(storage, version, config.chunk_size, rescore)
 
 
 @io_task(task_run_name="score-chunk-{chunk_id}")
