@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import httpx
@@ -180,6 +181,25 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _report_death(server: subprocess.Popen, died: threading.Event) -> None:
+    if died.is_set():
+        return
+    died.set()
+    print(
+        f"the Prefect server (pid {server.pid}) exited with code {server.returncode}: "
+        "stopping darkroom serve",
+        flush=True,
+    )
+
+
+def _say_stopped(server: subprocess.Popen) -> None:
+    # The last line a supervisor's log shows: the cause, after the runner's own errors.
+    print(
+        f"darkroom serve stopped: its Prefect server exited with code {server.returncode}",
+        flush=True,
+    )
+
+
 def _watch_server(
     server: subprocess.Popen, died: threading.Event, stopping: threading.Event, grace: float = 20
 ) -> None:
@@ -190,14 +210,10 @@ def _watch_server(
         time.sleep(1)
     if stopping.is_set():
         return
-    died.set()
-    print(
-        f"the Prefect server (pid {server.pid}) exited with code {server.returncode}: "
-        "stopping darkroom serve",
-        flush=True,
-    )
+    _report_death(server, died)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(grace)
+    _say_stopped(server)
     os._exit(1)
 
 
@@ -262,12 +278,23 @@ def serve(
             )
     except (KeyboardInterrupt, SystemExit):
         pass
+    except Exception:
+        # The runner's own calls can fail before the watcher notices the server is gone: say
+        # why, not only the runner's connection error.
+        if server is None or server.poll() is None:
+            raise
+        traceback.print_exc()
     finally:
+        if server is not None and server.poll() is not None and not stopping.is_set():
+            _report_death(server, died)
         stopping.set()
         if server is not None and not died.is_set():
             print("stopping the Prefect server", flush=True)
             stop_process_group(server)
-    return 1 if died.is_set() else 0
+    if died.is_set():
+        _say_stopped(server)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
