@@ -31,9 +31,27 @@ from darkroom.storage import (
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Image files darkroom does not read: refused and reported, not skipped in silence, so a user
+# who put photos in one of these formats learns why they are not in the index.
+UNSUPPORTED_IMAGE_EXTENSIONS = (
+    ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".ico",
+    ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2",
+)  # fmt: skip
 # A report keeps why the first few objects failed: enough to tell a cause, bounded in size.
 MAX_FAILED_REASONS = 20
 SHOWN_FAILURES = 3  # named in SyncIncomplete's message
+
+
+class UnsupportedFormat(ValueError):
+    """An image file in a format darkroom does not read (judged by its name)."""
+
+    status = "unsupported_format"
+
+    def __init__(self, key: str):
+        super().__init__(
+            f"'{printable_key(key)}' is an image format darkroom does not read: convert it to "
+            f"one of {', '.join(IMAGE_EXTENSIONS)}"
+        )
 
 
 class SyncIncomplete(StorageError):
@@ -50,6 +68,7 @@ class SyncReport:
     removed: int = 0
     unchanged: int = 0
     refused: int = 0
+    ignored: int = 0  # files that are not images at all (notes.txt, .DS_Store)
     failed: int = 0
     downloaded_bytes: int = 0
     refused_keys: list[str] = field(default_factory=list)  # printable (see printable_key)
@@ -64,7 +83,7 @@ class SyncReport:
         return (
             f"sync {self.prefix}: listed {self.listed}, new {self.new}, changed {self.changed}, "
             f"removed {self.removed}, unchanged {self.unchanged}, refused {self.refused}, "
-            f"failed {self.failed}{left_out}, downloaded {self.downloaded_bytes} bytes"
+            f"ignored {self.ignored} (not images), failed {self.failed}{left_out}, downloaded {self.downloaded_bytes} bytes"
         )
 
     def add_failure(self, key: str, error: Exception) -> None:
@@ -73,7 +92,7 @@ class SyncReport:
         if len(self.failed_reasons) < MAX_FAILED_REASONS:
             self.failed_reasons[key] = str(error) or type(error).__name__
 
-    def refuse(self, key: str, error: UnsafeKeyError) -> None:
+    def refuse(self, key: str, error: UnsafeKeyError | UnsupportedFormat) -> None:
         shown = printable_key(key)
         self.refused += 1
         self.refused_keys.append(shown)
@@ -101,6 +120,11 @@ def is_image_key(key: str) -> bool:
         log.warning("skipped '%s': the file name is not valid UTF-8: rename it", printable_key(key))
         return False
     return True
+
+
+def is_unsupported_image(key: str) -> bool:
+    """Whether ``key`` names an image in a format darkroom does not read (.gif, .heic...)."""
+    return key.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS)
 
 
 def _manifest_path(cache_dir: Path, prefix: str) -> Path:
@@ -195,8 +219,9 @@ def check_complete(report: SyncReport, where: str, max_failed_fraction: float = 
 
 
 def _list_safe(storage: Storage, prefix: str, key_filter, report: SyncReport) -> dict:
-    """The objects under ``prefix`` that pass ``key_filter``; unsafe keys and file names that
-    are not UTF-8 are refused: counted and named in the report, never fetched."""
+    """The objects under ``prefix`` that pass ``key_filter``; unsafe keys, file names that
+    are not UTF-8 and images in formats darkroom does not read are refused: counted and named
+    in the report, never fetched. Other files are counted as ignored."""
     listed: dict[str, ObjectInfo] = {}
     for obj in storage.list(prefix):
         try:
@@ -210,6 +235,11 @@ def _list_safe(storage: Storage, prefix: str, key_filter, report: SyncReport) ->
         if key_filter(obj.key):
             report.listed += 1
             listed[obj.key] = obj
+        elif is_unsupported_image(obj.key):
+            report.listed += 1
+            report.refuse(obj.key, UnsupportedFormat(obj.key))
+        else:
+            report.ignored += 1
     return listed
 
 

@@ -88,6 +88,15 @@ def test_bad_name_under_labeled_lands_in_the_quarantine_report(local_storage, ca
     assert (row["class_index"], row["fold"], row["bytes"], row["image_id"]) == (-1, -1, 0, "")
 
 
+def test_unsupported_image_format_lands_in_the_quarantine_report(local_storage, cache_dir):
+    write_digits(local_storage, per_class=4)
+    local_storage.put_source_object("labeled/2/from phone.HEIC", b"ftypheic")
+    result, rows = _index(local_storage, cache_dir)
+    assert result.rows == 12 and result.summary.excluded == {"unsupported_format": 1}
+    row = rows.set_index("key").loc["labeled/2/from phone.HEIC"]
+    assert row["status"] == "unsupported_format" and "convert it" in row["error"]
+
+
 def test_renamed_bad_file_leaves_the_report(local_storage, cache_dir):
     write_digits(local_storage, per_class=4)
     bad = _bad_file(local_storage, "labeled/1")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from darkroom.storage import UnsafeKeyError
-from darkroom.sync import cache_path, is_image_key, load_manifest, sync_prefix
+from darkroom.sync import cache_path, is_image_key, load_manifest, load_refused, sync_prefix
 from tests.conftest import png_bytes, write_digits
 
 
@@ -111,6 +111,24 @@ def test_non_images_ignored(local_storage, cache_dir):
     assert "labeled/0/notes.txt" not in manifest
     assert "labeled/0/README" not in manifest
     assert {"labeled/0/UPPER.JPG", "labeled/0/photo.jpeg"} <= set(manifest)
+
+
+def test_unsupported_image_formats_are_refused_and_reported(local_storage, cache_dir):
+    # A .gif or .heic under labeled/ is a photo the user meant to train on: it must show up in
+    # the quarantine report, not vanish. A notes.txt is not an image: counted as ignored.
+    write_digits(local_storage, per_class=2)
+    for name in ("labeled/0/anim.gif", "labeled/1/scan.TIFF", "labeled/2/phone.heic"):
+        local_storage.put_source_object(name, b"GIF89a not decoded")
+    local_storage.put_source_object("labeled/0/notes.txt", b"hello")
+    report, manifest = sync_prefix(local_storage, "labeled/", cache_dir)
+    assert report.listed == 6 + 3 and report.refused == 3 and report.ignored == 1
+    assert not any(k.endswith((".gif", ".TIFF", ".heic")) for k in manifest)
+    refused = load_refused(cache_dir, "labeled/")
+    assert set(refused) == {"labeled/0/anim.gif", "labeled/1/scan.TIFF", "labeled/2/phone.heic"}
+    assert {r["status"] for r in refused.values()} == {"unsupported_format"}
+    assert ".png" in refused["labeled/2/phone.heic"]["error"]
+    assert "ignored 1 (not images)" in report.summary()
+    assert local_storage.exists("labeled/0/anim.gif")  # the user's file is left alone
 
 
 def test_prefix_limits_what_is_synced(local_storage, cache_dir):
