@@ -280,6 +280,9 @@ def run(quick: bool = False) -> dict:
             "device": "cpu",
             "images": train_n,
             **rates,
+            # What any input path could reach against the tutorials' loop: the model's own
+            # rate over theirs (their decode runs between the steps, on the steps' cores).
+            "ceiling_vs_tutorial_loop": rates["synthetic_img_s"] / rates["tutorial_img_s"],
         },
         "rss": {"images": [rss_n, rss_n // 10], "peak_bytes": [rss_big, rss_small]},
         "cuda": gpu,
@@ -304,6 +307,7 @@ def _table(result: dict) -> str:
         ("   epoch img/s", d["epoch"]["epoch_img_s"]),
         ("   synthetic img/s", d["epoch"]["synthetic_img_s"]),
         ("   tutorials' loop img/s", d["epoch"]["tutorial_img_s"]),
+        ("   ceiling: synthetic / tutorials' loop", d["epoch"]["ceiling_vs_tutorial_loop"]),
         ("p6 peak RSS 10x images / 1x", result["p6_rss_10k_over_1k"]),
     ]
     if d["cuda"]:
