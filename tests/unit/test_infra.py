@@ -1,18 +1,24 @@
-"""Static checks of infra/: CI has no Docker engine or cluster, so every file is parsed instead.
-
-Only PyYAML and the standard library are needed.
+"""Static checks of infra/: CI has no Docker engine or cluster, so every file is parsed instead,
+and the Kubernetes job template is rendered with Prefect's own templating into the Job a worker
+would submit for each deployment of deployments/prefect.yaml.
 """
 
+import asyncio
 import fnmatch
 import json
 import re
 import shlex
 import tomllib
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from prefect.utilities.schema_tools import ValidationError, validate
+from prefect.workers.base import BaseJobConfiguration
+
+from darkroom.config import RetrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -22,6 +28,7 @@ DOCKERFILE = INFRA / "Dockerfile"
 DOCKERIGNORE = INFRA / "Dockerfile.dockerignore"
 JOB_TEMPLATE = INFRA / "k8s" / "base-job-template.json"
 SECRET = INFRA / "k8s" / "secret-example.yaml"
+RAYCLUSTER = INFRA / "k8s" / "raycluster.yaml"
 ENV_EXAMPLE = INFRA / ".env.example"
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 
@@ -385,14 +392,111 @@ def test_job_template_placeholders_are_declared_variables(template):
     assert used and not used - declared, f"undeclared: {sorted(used - declared)}"
 
 
-def test_job_template_requests_one_gpu(template):
-    resources = job_container(template)["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
-    value = resources["limits"]["nvidia.com/gpu"]
-    variable = PLACEHOLDER.fullmatch(str(value))
-    if variable:  # what a flow run gets unless its deployment overrides the variable
-        value = template["variables"]["properties"][variable.group(1)]["default"]
-    assert int(value) == 1
+class JobConfiguration(BaseJobConfiguration):
+    """The job configuration of a Kubernetes work pool: KubernetesWorkerJobConfiguration's
+    fields (prefect-kubernetes runs on the worker only and is not installed here). Its
+    ``from_template_and_values`` is Prefect's own: what a worker renders for a flow run."""
+
+    namespace: str = "default"
+    job_manifest: dict[str, Any]
+    cluster_config: dict | None = None
+    job_watch_timeout_seconds: int | None = None
+    pod_watch_timeout_seconds: int = 60
+    stream_output: bool = True
+
+
+class NoAPI:
+    """A Prefect client that fails when used: the template renders without blocks or variables."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"rendering the job template called the API ({name})")
+
+
+def rendered_job(template, job_variables: dict) -> dict:
+    """The Job a Kubernetes worker submits for a flow run of a deployment with these
+    ``job_variables``, after the check the server makes when the deployment is created."""
+    validate(
+        job_variables,
+        template["variables"],
+        raise_on_error=True,
+        preprocess=True,
+        ignore_required=True,
+    )
+    render = JobConfiguration.from_template_and_values(template, job_variables, client=NoAPI())
+    return asyncio.run(render).job_manifest
+
+
+def deployment_job_variables(deployment: dict) -> dict:
+    """A deployment's job variables: `prefect deploy` reads them under `work_pool`."""
+    assert "job_variables" not in deployment, "prefect deploy ignores them there"
+    return deployment["work_pool"].get("job_variables") or {}
+
+
+def pod_resources(template, name: str) -> dict:
+    deployment = next(d for d in load_yaml(PREFECT_YAML)["deployments"] if d["name"] == name)
+    pod = rendered_job(template, deployment_job_variables(deployment))["spec"]["template"]["spec"]
+    return pod["containers"][0]["resources"]
+
+
+def nulls(node, path="") -> list[str]:
+    """Paths of every None in a rendered manifest: the API would get a JSON null there."""
+    if isinstance(node, dict):
+        return [p for key, value in node.items() for p in nulls(value, f"{path}.{key}")]
+    if isinstance(node, list):
+        return [p for i, value in enumerate(node) for p in nulls(value, f"{path}[{i}]")]
+    return [path] if node is None else []
+
+
+def devices_per_fold(config: RetrainConfig) -> int:
+    # RetrainConfig.devices_per_fold (one fold over several GPUs) lands beside this change;
+    # until it does, a fold trains on one device.
+    return getattr(config, "devices_per_fold", 1)
+
+
+def test_retrain_pod_requests_the_gpus_its_folds_need(template):
+    spec = next(d for d in load_yaml(PREFECT_YAML)["deployments"] if d["name"] == "nightly-retrain")
+    config = RetrainConfig.model_validate(spec["parameters"]["config"])
+    resources = pod_resources(template, "nightly-retrain")
+    if config.task_runner == "ray":  # the folds take the Ray cluster's GPUs, not the pod's
+        assert "nvidia.com/gpu" not in {**resources.get("limits", {}), **resources["requests"]}
+        return
+    gpus = resources["limits"]["nvidia.com/gpu"]
+    assert resources["requests"]["nvidia.com/gpu"] == gpus and isinstance(gpus, int)
+    # Each fold training at once takes devices_per_fold of the pod's GPUs.
+    per_fold = devices_per_fold(config)
+    assert gpus % per_fold == 0 and gpus >= per_fold * (config.max_folds_in_flight or 1)
+
+
+@pytest.mark.parametrize("deployment", ["score-new-images", "watch-incoming"])
+def test_scoring_and_watching_pods_ask_for_cpu_and_no_gpu(template, deployment):
+    resources = pod_resources(template, deployment)
+    assert "nvidia.com/gpu" not in {**resources.get("limits", {}), **resources["requests"]}
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+
+
+@pytest.mark.parametrize("job_variables", [{}, {"gpu_count": 0}, {"gpu_count": 2}], ids=str)
+def test_rendered_jobs_follow_kubernetes_resource_rules(template, job_variables):
+    manifest = rendered_job(template, job_variables)
+    assert not nulls(manifest), nulls(manifest)
+    resources = manifest["spec"]["template"]["spec"]["containers"][0]["resources"]
+    gpus = {side: resources[side].get("nvidia.com/gpu") for side in ("limits", "requests")}
+    # An extended resource is a whole number >= 0 with request == limit (Kubernetes rejects
+    # the Job otherwise); no gpu_count means no GPU key at all.
+    assert gpus["limits"] == gpus["requests"] == job_variables.get("gpu_count")
+    with pytest.raises(ValidationError):
+        rendered_job(template, {"gpu_count": -1})
+
+
+def test_job_variables_are_accepted_by_the_process_pools_of_the_compose_stack():
+    # The same prefect.yaml deploys to process pools (docker-compose.yml), whose worker ignores
+    # variables it does not know; the server must still accept them.
+    from prefect.workers.process import ProcessWorker
+
+    schema = ProcessWorker.get_default_base_job_template()["variables"]
+    for deployment in load_yaml(PREFECT_YAML)["deployments"]:
+        validate(
+            deployment_job_variables(deployment), schema, raise_on_error=True, ignore_required=True
+        )
 
 
 def test_job_env_comes_from_the_example_secret(template):
@@ -440,6 +544,77 @@ def test_job_template_runs_flows_like_the_compose_workers(template):
     names = [e["name"] for e in container["env"]]
     defaults = template["variables"]["properties"]["env"].get("default") or {}
     assert "PYTHONPATH" not in names and "PYTHONPATH" not in defaults
+
+
+# --- KubeRay --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def raycluster():
+    return load_yaml(RAYCLUSTER)
+
+
+def ray_containers(raycluster) -> dict:
+    """The Ray container of the head and of each worker group, by group name."""
+    groups = {"head": raycluster["spec"]["headGroupSpec"]}
+    groups |= {g["groupName"]: g for g in raycluster["spec"]["workerGroupSpecs"]}
+    return {name: g["template"]["spec"]["containers"][0] for name, g in groups.items()}
+
+
+def test_raycluster_pins_kuberay_v1_and_the_ray_of_constraints(raycluster):
+    assert (raycluster["apiVersion"], raycluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert raycluster["spec"]["rayVersion"] == pinned_version("ray")
+
+
+def test_raycluster_runs_darkrooms_image_everywhere(raycluster, template):
+    # The Ray client refuses a cluster of another Ray or Python version, and workers import
+    # darkroom's tasks: head, workers and flow-run pods share one image.
+    images = {name: c["image"] for name, c in ray_containers(raycluster).items()}
+    assert set(images.values()) == {template["variables"]["properties"]["image"]["default"]}
+
+
+def test_raycluster_has_gpu_workers_and_a_head_that_trains_nothing(raycluster):
+    head = raycluster["spec"]["headGroupSpec"]["rayStartParams"]
+    assert (head["num-cpus"], head["num-gpus"]) == ("0", "0")
+    ports = {p["name"]: p["containerPort"] for p in ray_containers(raycluster)["head"]["ports"]}
+    assert ports["client"] == 10001  # ray://<name>-head-svc:10001
+    gpu_groups = [
+        c["resources"]
+        for name, c in ray_containers(raycluster).items()
+        if name != "head" and c["resources"]["limits"].get("nvidia.com/gpu")
+    ]
+    assert gpu_groups
+    for resources in gpu_groups:
+        gpus = resources["limits"]["nvidia.com/gpu"]
+        assert isinstance(gpus, int) and gpus >= 1
+        assert resources["requests"]["nvidia.com/gpu"] == gpus
+
+
+def test_ray_workers_reach_storage_and_prefect_like_flow_run_pods(raycluster, template):
+    secrets = load_secrets()
+    for name, container in ray_containers(raycluster).items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        ref = env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]]["stringData"]
+        assert [s["secretRef"]["name"] for s in container["envFrom"]] == ["darkroom-s3"]
+        # The API address comes from the flow run with each task (Ray's runtime_env), so a
+        # copy here could only disagree with it.
+        assert "PREFECT_API_URL" not in env, name
+    worker_groups = raycluster["spec"]["workerGroupSpecs"]
+    for group in worker_groups:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        cache = next(e["value"] for e in container["env"] if e["name"] == "DARKROOM_CACHE")
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == cache)
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert "emptyDir" in volume, "the image cache lives on the node's local disk"
+
+
+def test_raycluster_address_in_the_docs_is_its_head_service(raycluster):
+    # KubeRay names the head's Service <metadata.name>-head-svc.
+    address = f"ray://{raycluster['metadata']['name']}-head-svc"
+    for path in (RAYCLUSTER, INFRA / "README.md", ROOT / "docs" / "scaling.md"):
+        assert address in path.read_text(), path
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -517,6 +692,17 @@ def test_dockerfile_copies_what_pip_needs_before_installing(dockerfile):
     needed |= {readme} if isinstance(readme, str) else set()
     assert "-c constraints.txt" in run  # the versions the tests passed with
     assert needed <= before, f"not copied before pip install: {sorted(needed - before)}"
+
+
+def test_dockerfile_installs_the_ray_extra_at_the_pinned_versions(dockerfile):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["ray"]
+    assert {re.split(r"[\[<>=]", r)[0] for r in extra} == {"prefect-ray", "ray"}
+    install = next(a for k, a in dockerfile if k == "RUN" and "/opt/darkroom" in a)
+    argv = shlex.split(install)
+    assert "/opt/darkroom[ray]" in argv and "-c" in argv
+    assert argv[argv.index("-c") + 1] == "constraints.txt"
+    assert pinned_version("prefect-ray") and pinned_version("ray")
 
 
 def test_dockerfile_does_not_run_as_root(dockerfile):
