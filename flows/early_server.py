@@ -7,6 +7,7 @@ the imports of the training and scoring code, and the flow finds it running.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -24,10 +25,9 @@ def start_in_background() -> Callable[[], None]:
     def start() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
-        try:
+        # A failure is the flow's to report: its first API call starts the server again.
+        with contextlib.suppress(Exception):
             SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 - the flow's first API call retries and reports it
-            pass
 
     thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
     thread.start()

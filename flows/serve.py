@@ -217,24 +217,28 @@ def _watch_server(
     os._exit(1)
 
 
-def _serve_deployments(api_url: str, ui_url: str, started: bool, **overrides) -> None:
+def _serve_deployments(
+    api_url: str, ui_url: str, server: subprocess.Popen | None, **overrides
+) -> None:
     from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tasks.common import ensure_gpu_limit, visible_gpus
 
-    deployments = build_deployments(load_spec(), **overrides)
-    gpus = visible_gpus()
-    if gpus and ensure_gpu_limit(gpus):
-        print(f"created the global concurrency limit darkroom-gpu: {gpus} slots", flush=True)
-    print(
-        f"\nPrefect UI: {ui_url}\n  storage: {os.environ['DARKROOM_STORAGE']}\n"
-        f"  run the nightly retrain now: PREFECT_API_URL={api_url} prefect deployment "
-        "run nightly-retrain/nightly-retrain\n  Ctrl-C stops darkroom serve"
-        + (" and the server it started" if started else "")
-        + "\n",
-        flush=True,
-    )
-    prefect_serve(*deployments, print_starting_message=True)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        deployments = build_deployments(load_spec(), **overrides)
+        gpus = visible_gpus()
+        if gpus and ensure_gpu_limit(gpus):
+            print(f"created the global concurrency limit darkroom-gpu: {gpus} slots", flush=True)
+        print(
+            f"\nPrefect UI: {ui_url}\n  storage: {os.environ['DARKROOM_STORAGE']}\n"
+            f"  run the nightly retrain now: PREFECT_API_URL={api_url} prefect deployment "
+            "run nightly-retrain/nightly-retrain\n  Ctrl-C stops darkroom serve"
+            + (" and the server it started" if server is not None else "")
+            + "\n",
+            flush=True,
+        )
+        prefect_serve(*deployments, print_starting_message=True)
 
 
 def serve(
@@ -258,8 +262,6 @@ def serve(
     if cache_dir:
         os.environ["DARKROOM_CACHE"] = str(Path(cache_dir).expanduser().resolve())
     os.chdir(ROOT)  # deployments/prefect.yaml and the served flows' source paths resolve here
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     api_url, ui_url, server = _find_or_start_server(port)
     os.environ["PREFECT_API_URL"] = api_url
     died, stopping = threading.Event(), threading.Event()
@@ -267,15 +269,9 @@ def serve(
         watch = threading.Thread(target=_watch_server, args=(server, died, stopping), daemon=True)
         watch.start()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            _serve_deployments(
-                api_url,
-                ui_url,
-                server is not None,
-                timezone=timezone,
-                watch_every=watch_every,
-                demo=demo,
-            )
+        _serve_deployments(
+            api_url, ui_url, server, timezone=timezone, watch_every=watch_every, demo=demo
+        )
     except (KeyboardInterrupt, SystemExit):
         pass
     except Exception:
