@@ -6,13 +6,13 @@ and submits through ``submit_bounded``, which keeps at most a set number of runs
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
 
+from darkroom.cache import usable_cores
 from tasks.common import visible_gpus
 
 if TYPE_CHECKING:
@@ -75,13 +75,13 @@ def folds_in_flight(config: RetrainConfig) -> int:
 
 def chunks_in_flight(config: ScoreConfig) -> int:
     """How many scoring chunks run at once: ``max_chunks_in_flight``, else one per GPU, else
-    one per CPU core (Ray: the cluster's; threads: this machine's)."""
+    one per CPU core (Ray: the cluster's; threads: this machine's, or its container's limit)."""
     if config.max_chunks_in_flight:
         return config.max_chunks_in_flight
     if config.task_runner == "ray":
         gpus, cpus = ray_cluster(config.device)
     else:
-        gpus, cpus = visible_gpus(config.device), os.cpu_count() or 1
+        gpus, cpus = visible_gpus(config.device), usable_cores()
     return max(1, gpus or cpus)
 
 

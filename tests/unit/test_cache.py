@@ -4,6 +4,7 @@ the size bound, refused images, the same tensors and order as the file path, wor
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from darkroom import feed
-from darkroom.cache import DECODE_VERSION, DecodedCache
+from darkroom.cache import DECODE_VERSION, DecodedCache, cpu_quota, usable_cores
 from darkroom.config import RetrainConfig
 from darkroom.data import ImageDataset, ImageTooLarge, UnreadableImage, build_transform
 from darkroom.fit import FoldData, fit
@@ -244,3 +245,25 @@ def test_the_first_fold_decodes_and_the_next_folds_reuse(local_storage, cache_di
     off = config.model_copy(update={"decoded_cache_gib": 0})
     plain = train._fold_data(local_storage, off, rows, rows.iloc[:0], 2)
     assert not plain.decoded and all(p.endswith(".png") for p in plain.train_paths)
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "400000 100000\n"}, 4.0),  # cgroup v2, a pod's limits.cpu: 4
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "50000 100000\n"}, 0.5),  # half a core: one, on any machine
+        ({"cpu.max": "max 100000\n"}, None),  # no limit
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files (macOS, Windows)
+    ],
+)
+def test_container_cpu_limit_caps_the_cores(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == quota
+    cores = len(os.sched_getaffinity(0))
+    expected = min(cores, math.ceil(quota)) if quota else cores
+    assert usable_cores(tmp_path) == expected
