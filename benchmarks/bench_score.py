@@ -13,8 +13,9 @@ one process and side by side:
 - ``predict`` alone (decode + model) decoding in turn, with a thread ahead, with a DataLoader
   worker: which way is faster on this machine;
 - ``startup_seconds``: the real ``darkroom score`` CLI on the same root once everything is
-  scored (nothing to score: its fixed cost, imports + Prefect server + flow run), and the
-  imports alone.
+  scored (nothing to score: its fixed cost, imports + Prefect server + flow run) on Prefect's
+  temporary server; ``startup_running_server_seconds`` the same against a server already
+  running (PREFECT_API_URL), the two taken in turn, medians of three; and the imports alone.
 
     python benchmarks/bench_score.py [--quick] [--images N] [--device auto]
 """
@@ -24,6 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,24 +139,60 @@ def decode_paths(loaded, storage, config) -> dict[str, float]:
     return {f"predict_{k}_img_s": round(len(files) / v, 1) for k, v in seconds.items()}
 
 
-def startup(storage_uri: str, device: str) -> dict:
-    """The ``darkroom score`` CLI's fixed cost, run for real with nothing left to score."""
+def _cli_seconds(storage_uri: str, device: str, api_url: str | None) -> float:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     cmd = [sys.executable, "-m", "darkroom.cli", "score", "--storage", storage_uri]
     t0 = time.perf_counter()
     out = subprocess.run(
         [*cmd, "--device", device], env=env, capture_output=True, text=True, check=False
     )
-    total = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     if out.returncode != 0 or '"scored": 0' not in out.stdout:
         raise RuntimeError(f"darkroom score failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return seconds
+
+
+def startup(storage_uri: str, device: str, rounds: int = 3) -> dict:
+    """The ``darkroom score`` CLI's fixed cost, run for real with nothing left to score: on
+    Prefect's temporary server (no PREFECT_API_URL) and against a server already running (a
+    ``darkroom serve`` or a deployment's worker), taken in turn; medians."""
+    from flows.serve import _healthy, start_server, stop_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = Path(tempfile.mkdtemp(prefix="darkroom-bench-prefect-"))
+    saved = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)  # the server's own database, not the user's
+    try:
+        server = start_server(port, home / "server.log")
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_HOME")
+        else:
+            os.environ["PREFECT_HOME"] = saved
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        if not _healthy(api_url):
+            raise RuntimeError(f"the Prefect server for the start-up runs did not answer: {home}")
+        temporary, running = [], []
+        for _ in range(rounds):
+            temporary.append(_cli_seconds(storage_uri, device, None))
+            running.append(_cli_seconds(storage_uri, device, api_url))
+    finally:
+        stop_process_group(server)
+        shutil.rmtree(home, ignore_errors=True)
     t0 = time.perf_counter()
-    imports = "import darkroom.cli, flows.score"
-    subprocess.run([sys.executable, "-c", imports], env=env, check=True)
+    imports = "import darkroom.cli, flows.score, darkroom.model"
+    subprocess.run([sys.executable, "-c", imports], check=True)
     return {
-        "startup_seconds": round(total, 2),
+        "startup_seconds": round(statistics.median(temporary), 2),
+        "startup_running_server_seconds": round(statistics.median(running), 2),
         "startup_imports_seconds": round(time.perf_counter() - t0, 2),
-        "prefect_api_url": os.environ.get("PREFECT_API_URL") or "temporary server",
+        "startup_rounds": {"temporary": temporary, "running": running},
     }
 
 
@@ -214,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'p2_score_efficiency':<28}{result['p2_score_efficiency']}  (target >= 0.85)")
     for way in ("in_turn", "thread", "worker"):
         print(f"{'  predict, ' + way + ' (img/s)':<28}{d[f'predict_{way}_img_s']}")
-    print(f"{'CLI start-up (s)':<28}{d['startup_seconds']}  ({d['prefect_api_url']})")
+    print(f"{'CLI start-up (s)':<28}{d['startup_seconds']}  (Prefect's temporary server)")
+    print(f"{'  with a running server (s)':<28}{d['startup_running_server_seconds']}")
     print(f"{'  of which imports (s)':<28}{d['startup_imports_seconds']}")
     print(json.dumps(result, indent=2))
     return 0
