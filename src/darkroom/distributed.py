@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
 from darkroom.rng import seed_everything
-from darkroom.steps import evaluate, predict_proba, prob_stats
+from darkroom.steps import predict_proba, prob_stats
 
 if TYPE_CHECKING:
     from darkroom.fit import FoldData
@@ -113,13 +113,11 @@ class Ranks:
                 dist.broadcast(buffer, 0)
 
     def evaluate(self, trainer) -> tuple[dict, np.ndarray]:
-        """``steps.evaluate`` of a ``fit.Trainer``'s validation pass, over every validation
-        row: each rank predicts its part through the plain model (DDP's forward may sync
+        """``steps.evaluate`` of a ``fit.Trainer``'s validation pass on several ranks, over
+        every validation row: each rank predicts its part through the plain model (DDP's forward may sync
         buffers, a collective), then the parts are gathered, so every rank holds the same
         probabilities and statistics."""
         t = trainer
-        if self.world == 1:
-            return evaluate(t.runner, t.val_loader, t.criterion, t.device, t.opts)
         probs, _ = predict_proba(t.model, t.val_loader, t.device, t.opts)
         labels, classes = np.asarray(t.data.val_labels, np.int64), t.data.num_classes
         probs = self._gather(probs.reshape(-1, classes), len(labels), classes, t.device)

@@ -40,6 +40,7 @@ from darkroom.steps import (
     LoaderLimits,
     NonFiniteLoss,
     StepOptions,
+    evaluate,
     make_loader,
     stop_workers,
     train_one_epoch,
@@ -190,7 +191,11 @@ class Trainer:
         return row
 
     def _validate(self, row: dict) -> np.ndarray:
-        stats, probs = self.ranks.evaluate(self)
+        if self.ranks.world > 1:  # each rank its part, gathered
+            stats, probs = self.ranks.evaluate(self)
+        else:
+            ev = (self.val_loader, self.criterion, self.device, self.opts)
+            stats, probs = evaluate(self.runner, *ev)
         if not math.isfinite(stats["loss"]) or not np.isfinite(probs).all():
             raise NonFiniteLoss(
                 f"validation loss became {stats['loss']} in epoch {row['epoch']}: lower "

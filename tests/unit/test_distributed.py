@@ -174,3 +174,40 @@ def test_the_ranks_see_the_gpus_the_fold_holds(monkeypatch):
         launch._devices("cuda", 8)
     kind, env = launch._devices("cpu", 2)
     assert kind == "cpu" and int(env["OMP_NUM_THREADS"]) >= 1
+
+
+# A process that starts a child which dies with it (darkroom.launch's launcher and ranks).
+PARENT = """
+import os, subprocess, sys
+child = "from darkroom.launch import _die_with_parent; _die_with_parent('DARKROOM_FOLD_PID');"
+child += "import os, pathlib, time; p = pathlib.Path(sys.argv[1]); t = p.with_suffix('.tmp');"
+child += "t.write_text(str(os.getpid())); t.rename(p);"
+child += "time.sleep(600)"
+env = {**os.environ, "DARKROOM_FOLD_PID": str(os.getpid())}
+subprocess.run([sys.executable, "-c", "import sys;" + child, sys.argv[1]], env=env)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+def test_a_launched_process_dies_with_the_process_that_started_it(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(pid_file)], cwd=REPO)
+    try:
+        _wait_until(pid_file.exists, "the child never started", 120)
+        child = int(pid_file.read_text())
+        assert _alive(child)
+    finally:
+        parent.kill()  # SIGKILL: the parent can do nothing for its child
+        parent.wait()
+    try:
+        _wait_until(lambda: not _alive(child), "the child outlived its parent", 60)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
