@@ -252,12 +252,23 @@ def _fit_rank(plan: dict, ranks: Ranks, device: torch.device) -> FoldResult:
         FoldData(**data),
         TrainConfig.model_validate(plan["train"]),
         device=device,
-        num_workers=plan["num_workers"],
+        num_workers=_workers(plan["num_workers"], ranks.world),
         on_epoch=_report if ranks.main else None,
         checkpoint=stored if ranks.main else ReadOnly(stored),
         checkpoint_every=plan["checkpoint_every"],
         ranks=ranks,
     )
+
+
+def _workers(num_workers: int | str, world: int) -> int | str:
+    """``auto`` loader workers of one rank: its share of the cores less one (none on a share
+    of two cores or fewer), as ``feed.resolve_workers`` counts for a process alone."""
+    if num_workers != "auto":
+        return num_workers
+    from darkroom.cache import usable_cores
+
+    share = usable_cores() // world
+    return share - 1 if share > 2 else 0
 
 
 def _report(row: dict) -> None:
