@@ -15,6 +15,7 @@ rank's failure fails the fold with that rank's error (retried, unless it cannot 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -48,6 +49,7 @@ PARENT, LAUNCHER = "DARKROOM_FOLD_PID", "DARKROOM_LAUNCHER_PID"
 GRACE_SECONDS = 45  # torchrun gives its ranks 30 s after SIGTERM before SIGKILL
 # A rank's error of these kinds fails the fold as itself: a retry would fail alike.
 PERMANENT = ("NonFiniteLoss", "ValueError")
+TEXT = {"text": True, "encoding": "utf-8", "errors": "replace"}  # a stray byte ends nothing
 
 
 class RanksFailed(RuntimeError):
@@ -86,7 +88,7 @@ def fit_in_processes(
         (run / "plan.json").write_text(json.dumps(plan))
         cmd = [sys.executable, "-m", "darkroom.launch", "launch", str(run), str(n)]
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **TEXT
         )
         try:
             tail = _follow(proc, on_epoch, config.fold_timeout_seconds)
@@ -145,9 +147,11 @@ def _follow(proc: subprocess.Popen, on_epoch, timeout: float) -> deque[str]:
 
 
 def _pump(stream, lines: queue.Queue) -> None:
-    for line in stream:
-        lines.put(line.rstrip("\n"))
-    lines.put(None)
+    try:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+    finally:  # the end of the output, however it came
+        lines.put(None)
 
 
 def _next(lines: queue.Queue, deadline: float, timeout: float) -> str | None:
@@ -234,7 +238,8 @@ def _rank(run: Path) -> None:
             _save_result(run, result, records)
     except BaseException as exc:
         error = {"rank": ranks.rank, "type": type(exc).__name__, "message": str(exc)}
-        (run / f"error-{ranks.rank}.json").write_text(json.dumps(error))
+        with contextlib.suppress(OSError):  # the fold's process may be gone, and its folder
+            (run / f"error-{ranks.rank}.json").write_text(json.dumps(error))
         raise
 
 
