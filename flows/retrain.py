@@ -106,7 +106,8 @@ def train_folds(config: RetrainConfig, snapshot: str, version: str) -> list[Fold
     train = train_fold.with_options(timeout_seconds=config.fold_timeout_seconds)
     refs = {"config": for_workers(config), "snapshot": snapshot, "version": version}
     if config.task_runner == "threads" and visible_gpus(config.device):
-        ensure_gpu_limit(limit)  # sized from config, unless the operator made one
+        # sized from config (one slot per GPU), unless the operator made one
+        ensure_gpu_limit(limit * config.devices_per_fold)
     with task_runner(config) as runner:
         resources = fold_resources(config)
 

@@ -208,48 +208,85 @@ def ensure_gpu_limit(slots: int, name: str = GPU_LIMIT) -> bool:
 
 
 @contextmanager
-def gpu_slot(device: str = "auto", poll_seconds: float = 0.5) -> Iterator[str]:
-    """The device one fold trains on. With GPUs (``auto``/``cuda``) in the thread pool: holds
-    a slot of the ``darkroom-gpu`` global limit, then the lock of a GPU no other fold on this
-    machine holds, and yields ``cuda:<i>``. On a Ray worker, Ray has given the task its GPU
-    (the only one CUDA shows it), and on a CPU: yields ``device`` unchanged."""
+def gpu_slot(device: str = "auto", poll_seconds: float = 0.5, count: int = 1) -> Iterator[str]:
+    """The device(s) one fold trains on. With GPUs (``auto``/``cuda``) in the thread pool:
+    holds ``count`` slots of the ``darkroom-gpu`` global limit, then the locks of ``count``
+    GPUs no other fold on this machine holds, and yields ``cuda:<i>`` (``cuda:<i>,<j>`` for a
+    fold on several GPUs, ``devices_per_fold``). On a Ray worker, Ray has given the task its
+    GPUs (the only ones CUDA shows it), and on a CPU: yields ``device`` unchanged.
+
+    Raises:
+        ValueError: ``count`` is more than the GPUs of this machine.
+    """
     n = 0 if on_ray_worker() else visible_gpus(device)
     if n == 0:
         yield device
         return
+    if count > n:
+        raise ValueError(f"a fold on {count} GPUs (devices_per_fold) but this machine has {n}")
     from prefect.concurrency.sync import concurrency
 
     ensure_gpu_limit(n)
-    with concurrency(GPU_LIMIT, occupy=1, strict=True), _claim_gpu(n, poll_seconds) as i:
-        yield f"cuda:{i}"
+    with (
+        concurrency(GPU_LIMIT, occupy=count, strict=True),
+        _claim_gpus(n, count, poll_seconds) as ids,
+    ):
+        yield "cuda:" + ",".join(map(str, ids))
 
 
 @contextmanager
 def _claim_gpu(n: int, poll_seconds: float) -> Iterator[int]:
+    """One GPU of ``n`` (see _claim_gpus)."""
+    with _claim_gpus(n, 1, poll_seconds) as ids:
+        yield ids[0]
+
+
+@contextmanager
+def _claim_gpus(n: int, count: int, poll_seconds: float) -> Iterator[list[int]]:
     """An exclusive lock file per GPU (by its UUID when torch knows it), so folds of any run on
-    this machine never share a GPU; waits while all are taken."""
+    this machine never share a GPU: ``count`` of the ``n`` GPUs at once, or none held while
+    waiting (two folds that each hold part of what they need would wait for ever)."""
+    import time
+
+    while True:
+        held = _lock_free_gpus(n, count)
+        if len(held) == count:
+            try:
+                yield [i for i, _ in held]
+            finally:
+                _unlock(held)
+            return
+        _unlock(held)
+        time.sleep(poll_seconds)
+
+
+def _lock_free_gpus(n: int, count: int) -> list:
+    """(index, locked file) of up to ``count`` GPUs whose locks were free."""
     import fcntl
     import tempfile
-    import time
 
     folder = Path(tempfile.gettempdir()) / "darkroom-gpu-locks"
     folder.mkdir(parents=True, exist_ok=True)
-    names = [_gpu_name(i) for i in range(n)]
-    while True:
-        for i, name in enumerate(names):
-            f = open(folder / f"{name}.lock", "w")  # noqa: SIM115  (held while training)
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                continue
-            try:
-                yield i
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-                f.close()
-            return
-        time.sleep(poll_seconds)
+    held = []
+    for i in range(n):
+        f = open(folder / f"{_gpu_name(i)}.lock", "w")  # noqa: SIM115  (held while training)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        held.append((i, f))
+        if len(held) == count:
+            break
+    return held
+
+
+def _unlock(held: list) -> None:
+    import fcntl
+
+    for _, f in held:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def _gpu_name(i: int) -> str:

@@ -65,12 +65,13 @@ def ray_cluster(device: str) -> tuple[int, int]:
 
 def folds_in_flight(config: RetrainConfig) -> int:
     """How many folds train at once: ``max_folds_in_flight``, else every fold on Ray (its
-    scheduler holds each to one GPU) and one per visible GPU (at least 1) in threads."""
+    scheduler holds each to its GPUs) and one per ``devices_per_fold`` visible GPUs (at least
+    1) in threads."""
     if config.max_folds_in_flight:
         return config.max_folds_in_flight
     if config.task_runner == "ray":
         return config.train.folds
-    return max(1, visible_gpus(config.device))
+    return max(1, visible_gpus(config.device) // config.devices_per_fold)
 
 
 def chunks_in_flight(config: ScoreConfig) -> int:
@@ -86,13 +87,14 @@ def chunks_in_flight(config: ScoreConfig) -> int:
 
 
 def fold_resources(config: RetrainConfig) -> dict:
-    """What a fold asks Ray for: one GPU, or where the cluster has none (or the device is the
-    CPU) its share of the CPUs. Nothing in threads (GPU locks and the global limit there)."""
+    """What a fold asks Ray for: ``devices_per_fold`` GPUs (one unless a fold trains on
+    several), or where the cluster has none (or the device is the CPU) its share of the CPUs.
+    Nothing in threads (GPU locks and the global limit there)."""
     if config.task_runner != "ray":
         return {}
     gpus, cpus = ray_cluster(config.device)
     if gpus:
-        return ray_options(num_gpus=1)
+        return ray_options(num_gpus=config.devices_per_fold)
     return ray_options(num_cpus=max(1, cpus // folds_in_flight(config)))
 
 

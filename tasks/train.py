@@ -21,12 +21,16 @@ def check_pretrained(config: RetrainConfig) -> None:
 
 @io_task(task_run_name="train-fold-{fold}", retries=2, retry_delay_seconds=30)
 def train_fold(config: RetrainConfig, snapshot: str, version: str, fold: int) -> train.FoldSummary:
-    """One fold. With several GPUs each fold holds one slot of the ``darkroom-gpu`` global
-    concurrency limit and trains on its own GPU (see tasks.common.gpu_slot)."""
+    """One fold. With several GPUs each fold holds ``devices_per_fold`` slots of the
+    ``darkroom-gpu`` global concurrency limit and trains on GPUs of its own (see
+    tasks.common.gpu_slot); on several, in one process per GPU (darkroom.launch)."""
     storage = open_storage(config.storage)
     cfg = config.train
-    with gpu_slot(config.device) as dev:
-        on_epoch = EpochProgress(fold, cfg.folds, cfg.epochs, str(resolve_device(dev)))
+    with gpu_slot(config.device, count=config.devices_per_fold) as dev:
+        where = dev if "," in dev else str(resolve_device(dev))
+        if config.devices_per_fold > 1:
+            where = f"{config.devices_per_fold} processes on {where}"
+        on_epoch = EpochProgress(fold, cfg.folds, cfg.epochs, where)
         try:
             return train.train_fold(
                 storage, config, snapshot, version, fold, device=dev, on_epoch=on_epoch

@@ -4,10 +4,14 @@ a full write, and always at the fold's end."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
+import torch
 
 
 class Checkpointer(Protocol):
@@ -16,6 +20,37 @@ class Checkpointer(Protocol):
     def load(self) -> dict | None: ...
 
     def save(self, state: dict) -> None: ...
+
+
+class ReadOnly:
+    """A checkpoint every rank of a fold on several processes resumes from, and only rank 0
+    writes: the other ranks load through this."""
+
+    def __init__(self, checkpoint: Checkpointer):
+        self.checkpoint = checkpoint
+
+    def load(self) -> dict | None:
+        return self.checkpoint.load()
+
+    def save(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Best:
+    """The best epoch so far (the latest one without validation) and the epochs since: part of
+    the checkpoint (its ``best``), so that a resumed fold keeps comparing against it."""
+
+    loss: float = math.inf
+    epoch: int = -1
+    state: dict | None = None
+    probs: np.ndarray | None = None
+    bad_epochs: int = 0
+
+
+def weights_copy(model: torch.nn.Module) -> dict:
+    """A copy of ``model``'s state dict that later steps do not change."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass

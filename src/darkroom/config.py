@@ -283,6 +283,14 @@ class RetrainConfig(RuntimeConfig):
         description="Folds training at once. Empty: with threads, one per visible GPU (1 on "
         "a CPU); with ray, every fold, as the cluster's GPUs allow.",
     )
+    devices_per_fold: int = Field(
+        1,
+        ge=1,
+        description="Devices one fold trains on at once, one process each (torchrun-style "
+        "DistributedDataParallel: nccl on GPUs, gloo on a CPU); train.batch_size is split "
+        "over them. The fold then holds this many GPUs (threads: slots and locks; ray: "
+        "num_gpus).",
+    )
     checkpoint_every_seconds: float = Field(
         300,
         ge=0,
@@ -290,6 +298,16 @@ class RetrainConfig(RuntimeConfig):
         "this often, and at its end: a killed fold loses at most this much training "
         "(0: after every epoch).",
     )
+
+    @model_validator(mode="after")
+    def _batch_splits_over_devices(self):
+        n, batch = self.devices_per_fold, self.train.batch_size
+        if batch % n:
+            raise ValueError(
+                f"train.batch_size ({batch}) must be a multiple of devices_per_fold ({n}): "
+                f"each of the fold's {n} processes takes batch_size / {n} images a batch"
+            )
+        return self
 
 
 class ScoreConfig(RuntimeConfig):

@@ -192,19 +192,24 @@ class FoldLoader:
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = False,
+        sampler=None,
     ):
         self.lease = lease
         self.dataset = [(e, int(y), augment) for e, y in zip(entries, labels, strict=True)]
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = sampler  # a rank's DistributedSampler: its items, in its order
 
     def __len__(self) -> int:
-        n, b = len(self.dataset), self.batch_size
+        n = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        b = self.batch_size
         return n // b if self.drop_last else math.ceil(n / b)
 
     def order(self) -> list[int]:
         """The item order of the next pass."""
         n = len(self.dataset)
+        if self.sampler is not None:
+            return list(self.sampler)
         if not self.shuffle:
             return list(range(n))
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the base seed
@@ -221,12 +226,13 @@ class FoldLoader:
 
 
 def fold_loaders(
-    data: FoldData, augment: str, batch: int, num_workers: int | str, seed: int
+    data: FoldData, augment: str, batch: int, num_workers: int | str, seed: int, sampler=None
 ) -> tuple[FoldLoader, FoldLoader]:
-    """The shuffled, augmented train pass and the validation pass in row order of a fold
-    whose paths are cache entries; both run on one shared loader."""
+    """The shuffled, augmented train pass (``sampler``'s items when given) and the validation
+    pass in row order of a fold whose paths are cache entries; both run on one shared loader."""
     lease = LoaderLease(resolve_workers(num_workers), data.limits.worker_timeout)
-    drop = len(data.train_paths) % batch == 1  # a batch of one breaks BatchNorm
+    n = len(sampler) if sampler is not None else len(data.train_paths)
+    drop = n % batch == 1  # a batch of one breaks BatchNorm
     train = FoldLoader(
         lease,
         data.train_paths,
@@ -236,6 +242,7 @@ def fold_loaders(
         shuffle=True,
         seed=seed,
         drop_last=drop,
+        sampler=sampler,
     )
     val = FoldLoader(lease, data.val_paths, data.val_labels, "none", batch, shuffle=False)
     return train, val

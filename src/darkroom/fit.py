@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from darkroom.checkpoint import Checkpointer, SaveSchedule
+from darkroom.checkpoint import Best, Checkpointer, SaveSchedule, weights_copy
 from darkroom.config import TrainConfig
 from darkroom.data import build_transform
+from darkroom.distributed import Ranks
 from darkroom.feed import fold_loaders
 from darkroom.model import create_model, mean_std
 from darkroom.recipe import (
@@ -66,7 +67,7 @@ class FoldData:
 class FoldResult:
     """The best epoch's weights (the last epoch's without validation) and how it got there."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None where another process trained it (darkroom.launch)
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     val_probs: np.ndarray | None = None
@@ -76,6 +77,7 @@ class FoldResult:
     batch_size: int = 0  # after any out-of-memory halving
     grad_accum_steps: int = 1
     stopped_early: bool = False
+    ranks: list[dict] = field(default_factory=list)  # a fold on several processes: each one
 
 
 def release_memory() -> None:
@@ -86,28 +88,13 @@ def release_memory() -> None:
 
 
 @dataclass
-class _Best:
-    """The best epoch so far (the latest one without validation) and the epochs since."""
-
-    loss: float = math.inf
-    epoch: int = -1
-    state: dict | None = None
-    probs: np.ndarray | None = None
-    bad_epochs: int = 0
-
-
-def _weights(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@dataclass
 class Trainer:
     """One attempt at a fold: what an epoch needs and everything it changes."""
 
     data: FoldData
     cfg: TrainConfig
     model: torch.nn.Module
-    runner: torch.nn.Module  # what runs the batches: the model or its torch.compile wrapper
+    runner: torch.nn.Module  # what runs the batches: the model, its DDP or compile wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -117,9 +104,10 @@ class Trainer:
     opts: StepOptions  # opts.accum: batches per optimizer step
     batch_size: int
     device: torch.device
-    best: _Best = field(default_factory=_Best)
+    best: Best = field(default_factory=Best)
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0  # the first epoch this attempt trains
+    ranks: Ranks = field(default_factory=Ranks)  # this process among the fold's processes
 
     @classmethod
     def build(
@@ -130,9 +118,11 @@ class Trainer:
         num_workers: int | str,
         batch: int,
         accum: int,
+        ranks: Ranks | None = None,
     ) -> Trainer:
         """A freshly seeded model with its optimizer, lr schedule and loaders, for ``batch``
-        images a batch and ``accum`` batches an optimizer step."""
+        images a batch (over every rank) and ``accum`` batches an optimizer step."""
+        ranks = ranks or Ranks()
         seed_everything(cfg.seed)
         model = create_model(local_weights(cfg), data.num_classes).to(device)
         mean, std = mean_std(model)
@@ -146,14 +136,15 @@ class Trainer:
         )
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        train_loader, val_loader = _loaders(data, cfg, model, num_workers, batch)
+        train_loader, val_loader = _loaders(data, cfg, model, num_workers, batch, ranks)
+        runner = ranks.wrap(model, device, find_unused=cfg.freeze_backbone_epochs > 0)
         optimizer = build_optimizer(cfg, model.parameters())
         steps = max(1, cfg.epochs * math.ceil(len(train_loader) / accum))
         return cls(
             data=data,
             cfg=cfg,
             model=model,
-            runner=torch.compile(model) if cfg.compile and device.type == "cuda" else model,
+            runner=torch.compile(runner) if cfg.compile and device.type == "cuda" else runner,
             optimizer=optimizer,
             scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, cfg.lr_min),
             scaler=torch.amp.GradScaler("cuda", enabled=opts.amp == torch.float16),
@@ -163,6 +154,7 @@ class Trainer:
             opts=opts,
             batch_size=batch,
             device=device,
+            ranks=ranks,
         )
 
     def run_epoch(self, epoch: int) -> dict:
@@ -175,6 +167,7 @@ class Trainer:
         set_backbone_trainable(self.model, not frozen)
         # The shuffle depends on (seed, epoch) only, so a resumed run sees the same order.
         self.train_loader.generator.manual_seed(self.cfg.seed + epoch)
+        self.ranks.begin_epoch(self.train_loader, self.cfg.seed, epoch)
         self.model.train()
         if frozen:
             freeze_batchnorm(self.model)
@@ -188,18 +181,21 @@ class Trainer:
             self.opts,
             self.scaler,
         )
+        self.ranks.sync_buffers(self.model)
         row = {"epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "frozen_backbone": frozen}
         row.update({f"train_{k}": v for k, v in stats.items()})
-        probs = self._validate(row) if len(self.val_loader.dataset) else None
+        probs = self._validate(row) if len(self.data.val_paths) else None
         row["seconds"] = time.perf_counter() - t0
         self.history.append(row)
         self._track_best(row, probs)
         return row
 
     def _validate(self, row: dict) -> np.ndarray:
-        stats, probs = evaluate(
-            self.runner, self.val_loader, self.criterion, self.device, self.opts
-        )
+        if self.ranks.world > 1:  # each rank its part, gathered
+            stats, probs = self.ranks.evaluate(self)
+        else:
+            ev = (self.val_loader, self.criterion, self.device, self.opts)
+            stats, probs = evaluate(self.runner, *ev)
         if not math.isfinite(stats["loss"]) or not np.isfinite(probs).all():
             raise NonFiniteLoss(
                 f"validation loss became {stats['loss']} in epoch {row['epoch']}: lower "
@@ -215,7 +211,7 @@ class Trainer:
             return
         best.loss = row["val_loss"] if has_val else math.inf
         best.epoch, best.probs, best.bad_epochs = row["epoch"], probs, 0
-        best.state = _weights(self.model)
+        best.state = weights_copy(self.model)
 
     def patience_spent(self) -> bool:
         """Whether early stopping ends the fold before the next epoch."""
@@ -262,10 +258,10 @@ class Trainer:
                 self.scaler.load_state_dict(saved["scaler"])
             set_rng_state(saved["rng"])
         b = saved["best"]
-        self.best = _Best(
+        self.best = Best(
             loss=b["loss"],
             epoch=b["epoch"],
-            state=_weights(self.model) if b["state"] is None else b["state"],
+            state=weights_copy(self.model) if b["state"] is None else b["state"],
             probs=None if b["probs"] is None else b["probs"].numpy(),
             bad_epochs=b["bad_epochs"],
         )
@@ -298,11 +294,13 @@ class Trainer:
         )
 
 
-def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int | str, batch: int):
-    """The shuffled, augmented train loader and the validation loader in file order; over
-    cache entries, both are passes through one loader whose workers outlive the fold."""
+def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers, batch: int, ranks: Ranks):
+    """The shuffled, augmented train loader and the validation loader in file order (of this
+    rank's share); over cache entries, both are passes through one loader whose workers
+    outlive the fold."""
+    data, sampler, batch = ranks.split(data, batch, cfg.seed)
     if data.decoded:
-        return fold_loaders(data, cfg.augment, batch, num_workers, cfg.seed)
+        return fold_loaders(data, cfg.augment, batch, num_workers, cfg.seed, sampler)
     mean, std = mean_std(model)
     tf = lambda augment: build_transform(cfg.image_size, mean, std, augment)  # noqa: E731
     common = {"num_workers": num_workers, "limits": data.limits}
@@ -313,7 +311,8 @@ def _loaders(data: FoldData, cfg: TrainConfig, model, num_workers: int | str, ba
         batch,
         shuffle=True,
         seed=cfg.seed,
-        drop_last=len(data.train_paths) % batch == 1,  # a batch of one breaks BatchNorm
+        drop_last=len(data.train_paths if sampler is None else sampler) % batch == 1,
+        sampler=sampler,
         **common,
     )
     return train, make_loader(
@@ -330,6 +329,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
     checkpoint_every: float = 0.0,
+    ranks: Ranks | None = None,
 ) -> FoldResult:
     """Trains a model on the train images, validating each epoch; keeps the best epoch.
 
@@ -346,6 +346,8 @@ def fit(
             the fit for the next one (``darkroom.feed``), else they stop when it ends.
         on_epoch: Called with each epoch's history row, after any checkpoint of it is saved.
         checkpoint: Where the training state is saved and resumed from (``SaveSchedule``).
+        ranks: This process among a fold's DDP processes (``darkroom.distributed``); there,
+            CUDA out of memory fails the fold (the ranks cannot halve their batch together).
 
     Raises:
         NonFiniteLoss: the loss became NaN or infinite.
@@ -357,10 +359,10 @@ def fit(
             saved = checkpoint.load() if checkpoint else None
             if saved and saved["batch_size"] < batch:  # an earlier attempt ran out of memory
                 batch, accum = saved["batch_size"], saved["grad_accum_steps"]
-            trainer = Trainer.build(data, cfg, device, num_workers, batch, accum)
+            trainer = Trainer.build(data, cfg, device, num_workers, batch, accum, ranks)
             return _train(trainer, saved, SaveSchedule(checkpoint, checkpoint_every), on_epoch)
         except torch.cuda.OutOfMemoryError:
-            if batch == 1:
+            if batch == 1 or (ranks and ranks.world > 1):
                 raise
         # Out here the traceback is gone, so the failed attempt's GPU memory can be freed.
         saved = trainer = None

@@ -64,9 +64,11 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
     limits: LoaderLimits | None = None,
+    sampler=None,
 ) -> DataLoader:
     """A loader over the image files whose shuffle order depends on ``seed`` only.
-    ``num_workers``: a count or "auto" (``resolve_workers``)."""
+    ``num_workers``: a count or "auto" (``resolve_workers``); ``sampler`` (a rank's
+    DistributedSampler) replaces the shuffle."""
     limits, num_workers = limits or LoaderLimits(), resolve_workers(num_workers)
     return DataLoader(
         ImageDataset(paths, labels, transform, max_pixels=limits.max_pixels),
@@ -74,7 +76,8 @@ def make_loader(
         # long; the fold's retry resumes from its last checkpoint.
         timeout=limits.worker_timeout if num_workers > 0 else 0,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
@@ -243,10 +246,16 @@ def evaluate(
     ``criterion`` is not used: the loss must not depend on the training loss's options.
     """
     probs, labels = predict_proba(model, loader, device, opts)
+    return prob_stats(probs, labels), probs
+
+
+def prob_stats(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """``evaluate``'s numbers from probabilities and labels (a fold on several processes
+    gathers its ranks' probabilities first)."""
     logp = torch.log(torch.from_numpy(probs).clamp_min(1e-12))
     loss = torch.nn.functional.nll_loss(logp, torch.from_numpy(labels), reduction="sum").item()
     pred = torch.from_numpy(probs.argmax(1))
-    return _epoch_stats(loss, [pred], [torch.from_numpy(labels)]), probs
+    return _epoch_stats(loss, [pred], [torch.from_numpy(labels)])
 
 
 def _epoch_stats(loss_sum: float, preds: list, targets: list) -> dict:

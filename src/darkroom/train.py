@@ -75,6 +75,7 @@ class FoldSummary:
     std: list[float]
     metrics: dict = field(default_factory=dict)
     reused: bool = False
+    ranks: list[dict] = field(default_factory=list)  # devices_per_fold > 1: each process
 
     @classmethod
     def from_record(cls, record: dict) -> FoldSummary:
@@ -103,6 +104,7 @@ def train_fold(
     A fold whose fold.json exists is done (the version encodes snapshot, config and code): its
     summary is returned without training. An unfinished fold continues from its last epoch
     checkpoint. ``fold == cfg.folds`` is the refit on every train row (``final_model="refit"``).
+    With ``config.devices_per_fold`` > 1 it trains in that many processes (``darkroom.launch``).
 
     Raises:
         NonFiniteLoss: training diverged; no fold.json is written, so the fold is never used.
@@ -115,12 +117,10 @@ def train_fold(
         return FoldSummary.from_record({**done, "reused": True})
     rows, classes, _ = read_index(storage, snapshot)
     train_rows, val_rows, fold_cfg = _fold_rows(storage, rows, version, fold, cfg)
-    dev = resolve_device(device or config.device)
     t0 = time.perf_counter()
     data = _fold_data(storage, config, train_rows, val_rows, len(classes))
-    result, weights = _fit_weights(
-        data, fold_cfg, config, dev, on_epoch, StorageCheckpointer(storage, file("checkpoint.pt"))
-    )
+    checkpoint = StorageCheckpointer(storage, file("checkpoint.pt"))
+    result, weights, dev = _train_data(data, fold_cfg, config, device, on_epoch, checkpoint)
     storage.write_bytes(file("model.safetensors"), weights)
     summary = FoldSummary(
         **_fit_facts(result),
@@ -130,12 +130,27 @@ def train_fold(
         train_images=len(train_rows),
         val_images=len(val_rows),
         seconds=time.perf_counter() - t0,
-        device=str(dev),
+        device=dev,
         weights=storage.url(file("model.safetensors")),
         sha256=sha256(weights),
     )
     _finish_fold(storage, summary, result, train_rows, val_rows, classes)
     return summary
+
+
+def _train_data(data, cfg, config, device, on_epoch, checkpoint) -> tuple[FoldResult, bytes, str]:
+    """(the fit, its weights, where it ran) on one device, or in ``config.devices_per_fold``
+    torchrun-style processes, one per device (``darkroom.launch``)."""
+    if config.devices_per_fold > 1:
+        from darkroom.launch import fit_in_processes
+
+        result, weights = fit_in_processes(
+            data, cfg, config, device or config.device, checkpoint, on_epoch
+        )
+        return result, weights, ",".join(r["device"] for r in result.ranks)
+    dev = resolve_device(device or config.device)
+    result, weights = _fit_weights(data, cfg, config, dev, on_epoch, checkpoint)
+    return result, weights, str(dev)
 
 
 def _fold_data(storage: Storage, config: RetrainConfig, train_rows, val_rows, n: int) -> FoldData:
@@ -194,6 +209,7 @@ def _fit_facts(result: FoldResult) -> dict:
         "grad_accum_steps": result.grad_accum_steps,
         "mean": result.mean,
         "std": result.std,
+        "ranks": result.ranks,
     }
 
 
