@@ -127,7 +127,7 @@ def test_folds_in_flight_from_config_gpus_or_one(monkeypatch):
 
 def test_chunks_in_flight_from_config_gpus_or_cores(monkeypatch):
     monkeypatch.setattr(runners, "visible_gpus", lambda device="auto": 0)
-    monkeypatch.setattr(runners.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(runners, "usable_cores", lambda: 6)  # a 6-CPU container
     assert runners.chunks_in_flight(ScoreConfig()) == 6
     monkeypatch.setattr(runners, "visible_gpus", lambda device="auto": 2)
     assert runners.chunks_in_flight(ScoreConfig()) == 2
