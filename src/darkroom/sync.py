@@ -22,6 +22,7 @@ from darkroom.storage import (
     ObjectInfo,
     Storage,
     StorageError,
+    StorageSetupError,
     UnsafeKeyError,
     atomic_write_file,
     check_key,
@@ -59,6 +60,11 @@ class SyncIncomplete(StorageError):
     download is cached and in the manifest, so a retried sync fetches only the rest."""
 
 
+class SyncDenied(SyncIncomplete, StorageSetupError):
+    """As SyncIncomplete, where every failure was a refusal (access denied, bad credentials):
+    a retry gets the same answer, so the task is not retried."""
+
+
 @dataclass
 class SyncReport:
     prefix: str
@@ -70,6 +76,7 @@ class SyncReport:
     refused: int = 0
     ignored: int = 0  # files that are not images at all (notes.txt, .DS_Store)
     failed: int = 0
+    denied: int = 0  # of the failures, refusals a retry cannot fix (access denied)
     downloaded_bytes: int = 0
     refused_keys: list[str] = field(default_factory=list)  # printable (see printable_key)
     # printable key -> {"status", "error"}: what the index's quarantine report says of it
@@ -88,6 +95,7 @@ class SyncReport:
 
     def add_failure(self, key: str, error: Exception) -> None:
         self.failed += 1
+        self.denied += isinstance(error, StorageSetupError | PermissionError)
         self.failed_keys.append(key)
         if len(self.failed_reasons) < MAX_FAILED_REASONS:
             self.failed_reasons[key] = str(error) or type(error).__name__
@@ -211,10 +219,17 @@ def check_complete(report: SyncReport, where: str, max_failed_fraction: float = 
         )
         return
     allowed = f"{max_failed_fraction:g} allows {int(max_failed_fraction * report.listed) or 'none'}"
-    raise SyncIncomplete(
+    denied = report.denied == report.failed
+    raise (SyncDenied if denied else SyncIncomplete)(
         f"{failed} (e.g. {'; '.join(examples)}): the retrain stops before indexing "
         f"(max_failed_fraction {allowed}); fix access or set max_failed_fraction to accept a "
-        "partial set (a retry downloads only the missing objects)"
+        "partial set ("
+        + (
+            "every failure was a refusal: not retried"
+            if denied
+            else "a retry downloads only the missing objects"
+        )
+        + ")"
     )
 
 

@@ -21,7 +21,7 @@ from darkroom.promotion import judge, promote_candidate, record_candidate
 from darkroom.s3 import S3Storage
 from darkroom.scoring import pending_chunks, read_predictions, score_chunk
 from darkroom.storage import StorageError, open_storage
-from darkroom.sync import SyncIncomplete, load_manifest, sync_labeled
+from darkroom.sync import SyncDenied, SyncIncomplete, load_manifest, sync_labeled
 from darkroom.train import train_fold
 from tests.conftest import TINY, train_candidate, write_digits
 from tests.s3.fault_proxy import FAULTS
@@ -91,6 +91,7 @@ def test_sync_is_all_or_nothing(s3_faulty, tmp_path):
     for key in broken:
         assert f"{key}: access denied (403) to {storage.uri}" in message
     assert "the retrain stops before indexing" in message and "max_failed_fraction" in message
+    assert isinstance(e.value, SyncDenied)  # only refusals: a retry would get the same
     assert set(load_manifest(cache, "labeled/")) == set(keys) - set(broken)
 
     # Access restored: the retried sync downloads the two missing objects and nothing else.

@@ -9,7 +9,13 @@ import pytest
 
 from darkroom.config import RetrainConfig
 from darkroom.storage import StorageError, StorageSetupError
-from darkroom.sync import MAX_FAILED_REASONS, SyncIncomplete, SyncReport, check_complete
+from darkroom.sync import (
+    MAX_FAILED_REASONS,
+    SyncDenied,
+    SyncIncomplete,
+    SyncReport,
+    check_complete,
+)
 
 WHERE = "s3://b/p/labeled/"
 
@@ -65,6 +71,22 @@ def test_sync_incomplete_is_a_retriable_storage_error():
     # The Prefect task retries a StorageError, never a StorageSetupError.
     assert issubclass(SyncIncomplete, StorageError)
     assert not issubclass(SyncIncomplete, StorageSetupError)
+
+
+def test_refusals_alone_are_not_retried_a_mix_is():
+    from tasks.common import NOT_RETRIED
+
+    denied = _report(30, 0)
+    for i in range(2):
+        denied.add_failure(f"labeled/cat/{i}.jpg", StorageSetupError("access denied (403)"))
+    with pytest.raises(SyncDenied, match="every failure was a refusal: not retried") as e:
+        check_complete(denied, WHERE)
+    assert isinstance(e.value, NOT_RETRIED) and isinstance(e.value, SyncIncomplete)
+
+    denied.add_failure("labeled/cat/9.jpg", StorageError("connection reset"))  # may pass later
+    with pytest.raises(SyncIncomplete, match="a retry downloads only the missing") as e:
+        check_complete(denied, WHERE)
+    assert not isinstance(e.value, SyncDenied) and not isinstance(e.value, NOT_RETRIED)
 
 
 def test_reasons_are_bounded_but_every_failure_is_counted():
