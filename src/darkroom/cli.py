@@ -21,28 +21,13 @@ from darkroom.flags import GATE_FIELDS, add_config_flags, config_from_args, expl
 from darkroom.storage import open_storage
 
 
-def _flows(name: str, warm: tuple[str, ...] = ()):
-    """``flows.<name>``, imported on demand: the core and its quick commands never load Prefect.
-
-    With ``warm`` (modules the flow will import: the model code), Prefect's temporary server,
-    when one is needed, boots in its own process while they import, instead of after.
-    """
+def _flows(name: str):
+    """``flows.<name>``, imported on demand: the core and its quick commands never load Prefect."""
     import importlib
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not warm:
-        return importlib.import_module(f"flows.{name}")
-    from flows.early_server import start_in_background
+    return importlib.import_module(f"flows.{name}")
 
-    server_ready = start_in_background()
-    module = importlib.import_module(f"flows.{name}")
-    for extra in warm:
-        importlib.import_module(extra)
-    server_ready()
-    return module
-
-
-MODEL_CODE = ("darkroom.model",)  # timm and torchvision: the slowest imports of a run
 
 # ---- commands --------------------------------------------------------------------------------
 
@@ -111,7 +96,7 @@ def cmd_retrain(a) -> int:
     config = config_from_args(RetrainConfig, a)
     _readable(config.storage, "retrain", labeled=True)
     _check_pretrained(config)
-    result = _flows("retrain", warm=MODEL_CODE).nightly_retrain(config)
+    result = _flows("retrain").nightly_retrain(config)
     print(json.dumps(brief_retrain(result), indent=2))
     return 0
 
@@ -132,7 +117,7 @@ def cmd_retrain(a) -> int:
 def cmd_score(a) -> int:
     config = config_from_args(ScoreConfig, a)
     _readable(config.storage, "score")
-    result = _flows("score", warm=MODEL_CODE).score_new_images(config, rescore=a.rescore)
+    result = _flows("score").score_new_images(config, rescore=a.rescore)
     print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
     return 0
 
