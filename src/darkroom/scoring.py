@@ -6,6 +6,8 @@ chunk writes the same file instead of a duplicate. A pair whose object could not
 gets no row (it is not scored, and the next run plans it again): its chunk's file holds the
 other pairs only, and the next run puts the pair in a new chunk, with another id, that no
 earlier file holds a row of. A pair fetched but undecodable gets its row once, with the reason.
+Which pairs are scored comes from the scoring ledger (``darkroom.ledger``), which
+``write_predictions`` adds to after each file, so planning never reads the predictions.
 Planning needs no torch (the watcher plans too); only ``score_chunk`` loads a model.
 """
 

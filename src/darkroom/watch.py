@@ -10,6 +10,7 @@ as soon as what it announced is scored: its size follows the backlog, not the hi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from darkroom.storage import Storage
 from darkroom.sync import is_image_key
 
 ARRIVED = "darkroom.images.arrived"
+LOOKUP_BATCH = 10_000  # listed pairs looked up in the ledger at once: memory follows the backlog
 
 
 class WatchConfig(StorageConfig):
@@ -48,16 +50,19 @@ class Look:
 
 
 def look(storage: Storage) -> Look:
-    listed = sorted((o.key, o.etag) for o in storage.list(layout.INCOMING) if is_image_key(o.key))
     champion, _ = registry.read_champion(storage)
     # What a plain score run would skip: pairs any model version already scored.
-    scored = ledger.scored(storage).contains(listed)
-    waiting = [p for p, done in zip(listed, scored, strict=True) if not done]
+    scored = ledger.scored(storage)
     announced = read_announced(storage)
+    listed = (o for o in storage.list(layout.INCOMING) if is_image_key(o.key))
+    incoming, waiting = 0, []
+    while batch := [(o.key, o.etag) for o in itertools.islice(listed, LOOKUP_BATCH)]:
+        incoming += len(batch)
+        waiting += [p for p, done in zip(batch, scored.contains(batch), strict=True) if not done]
     new = [p for p in waiting if p not in announced]
     counts = {
-        "incoming": len(listed),
-        "scored": sum(scored),
+        "incoming": incoming,
+        "scored": incoming - len(waiting),
         "announced": len(waiting) - len(new),
         "new": len(new),
         "champion": champion["version"] if champion else None,

@@ -3,6 +3,7 @@ is planned right (and recorded once), and merging its parts never loses a row.""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -136,8 +137,8 @@ def test_lookups_agree_with_a_python_set_across_segments(monkeypatch):
     pairs = [(k, f"etag{rng.randrange(3)}") for k in keys]
     bounds = [0, 60, 120, 180, 240, 270, 300]  # four tables searched as they are, two pooled
     tables = [
-        ledger.ledger_rows("v", f"predictions/v/{a}.parquet", "x", *zip(*pairs[a:b]))
-        for a, b in zip(bounds, bounds[1:])
+        ledger.ledger_rows("v", f"predictions/v/{a}.parquet", "x", *zip(*pairs[a:b], strict=True))
+        for a, b in itertools.pairwise(bounds)
     ]
     tables[0] = tables[0].sort_by([("etag", "descending")])  # an unsorted table is sorted
     scored = ledger.Scored(tables)
