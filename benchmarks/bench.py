@@ -56,8 +56,16 @@ TARGETS = [
     Target("p4_noop_sync_vs_list", "sync", "<=", 1.2, "no-op resync s / bare listing s"),
     Target("p5_outside_epochs_share", "demo", "<=", 0.05, "demo retrain wall outside epochs"),
     Target("p6_rss_10k_over_1k", "train", "<=", 1.25, "peak RSS, 10k images / 1k images"),
+    Target("plan_time_with_history_over_empty", "plan", "<=", 1.5, "plan s, 1M-row history / none"),
+    Target("plan_peak_rss_mib", "plan", "<=", 1024, "peak RSS of a plan (MiB), 200k keys"),
 ]
-PARTS = {"train": "bench_train", "score": "bench_score", "sync": "bench_sync", "demo": "bench_demo"}
+PARTS = {
+    "train": "bench_train",
+    "score": "bench_score",
+    "sync": "bench_sync",
+    "demo": "bench_demo",
+    "plan": "bench_plan",
+}
 
 
 def run_part(module: str, quick: bool, timeout: float = PART_TIMEOUT_S) -> dict:
@@ -142,14 +150,14 @@ def collect(parts: list[str], quick: bool) -> dict:
 
 
 def table(report: dict) -> str:
-    rows = [f"{'key':<28} {'value':>9}  {'target':<8} {'met':<5} meaning"]
+    rows = [f"{'key':<34} {'value':>9}  {'target':<8} {'met':<5} meaning"]
     for t in TARGETS:
         if t.key not in report["results"]:
             continue
         value, met = report["results"][t.key], report["targets"][t.key]["met"]
         shown = "n/a" if value is None else f"{value:.3f}"
         flag = {True: "yes", False: "NO", None: "-"}[met]
-        rows.append(f"{t.key:<28} {shown:>9}  {t.op} {t.bound:<5} {flag:<5} {t.meaning}")
+        rows.append(f"{t.key:<34} {shown:>9}  {t.op} {t.bound:<5} {flag:<5} {t.meaning}")
     m = report["machine"]
     rows.append(f"machine: {m['host']}, {m['cpus']} cpus, device {m['device']}")
     return "\n".join(rows)

@@ -4,16 +4,14 @@ scored, score them in chunks, one Parquet file per chunk under predictions/<vers
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
 
-from darkroom import layout, lease, registry
+from darkroom import compaction, layout, lease, registry
 from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
-from darkroom.scoring import ChunkResult, chunk_id, scored_pairs
+from darkroom.scoring import ChunkResult, StreamedPlan, chunk_id
 from darkroom.storage import Storage, open_storage
-from darkroom.sync import is_image_key
 from tasks.common import flow_options
 from tasks.reporting import publish_scoring
 from tasks.runners import (
@@ -44,6 +42,7 @@ def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
     if champion is None:
         raise NoChampion(f"no champion at {storage.url(layout.CHAMPION)}: run a retrain first")
     version = champion["version"]  # read once: a promotion mid-run does not mix versions
+    compaction.finish(storage)  # a compaction stopped half-way: its duplicates go first
     plan = StreamedPlan(storage, version, config.chunk_size, rescore)
     chunks = plan.chunks()
     first = next(chunks, None)  # nothing to score: no runner (no Ray) is started
@@ -71,42 +70,6 @@ def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
     )
     publish_scoring(result)
     return result
-
-
-@dataclass
-class StreamedPlan:
-    """The chunks of one scoring run, made while ``incoming/`` is listed (page by page on
-    S3): a chunk is handed out as soon as it is full, so the run holds the pairs already
-    scored plus the chunks in flight, not the whole listing. Counts fill in as it goes."""
-
-    storage: Storage
-    version: str
-    chunk_size: int
-    rescore: bool
-    incoming: int = 0
-    already_scored: int = 0
-
-    @property
-    def to_score(self) -> int:
-        return self.incoming - self.already_scored
-
-    def chunks(self) -> Iterator[list[tuple[str, str]]]:
-        # Every version's pairs include this version's: one read of each predictions file.
-        done = scored_pairs(self.storage, self.version if self.rescore else None)
-        chunk: list[tuple[str, str]] = []
-        for obj in self.storage.list(layout.INCOMING):
-            if not is_image_key(obj.key):
-                continue
-            self.incoming += 1
-            if (obj.key, obj.etag) in done:
-                self.already_scored += 1
-                continue
-            chunk.append((obj.key, obj.etag))
-            if len(chunk) == self.chunk_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
 
 
 @dataclass

@@ -122,6 +122,32 @@ def cmd_score(a) -> int:
     return 0
 
 
+@command(
+    "compact",
+    "merge a model version's small prediction files into larger ones",
+    only=("storage", "lease_seconds"),
+    args=[
+        _arg("version", nargs="?", help="the model version (default: the champion)"),
+        _arg("--rows", type=int, help="rows per merged file (default: 100000)"),
+    ],
+)
+def cmd_compact(a) -> int:
+    from darkroom.compaction import compact_predictions
+    from darkroom.lease import held
+
+    config = config_from_args(RuntimeConfig, a)
+    storage = open_storage(config.storage)
+    version = a.version or (registry.read_champion(storage)[0] or {}).get("version")
+    if version is None:
+        return _fail(f"no champion in {storage.uri}: name the version to compact")
+    with held(storage, "score", config.lease_seconds):  # no scoring run meanwhile
+        r = compact_predictions(
+            storage, version, **({"rows_per_file": a.rows} if a.rows is not None else {})
+        )
+    print(f"{version}: {r.files_before} prediction files, now {r.files_after}")
+    return 0
+
+
 def brief_retrain(r: dict) -> dict:
     shown = ("listed", "new", "changed", "removed", "unchanged", "refused")
     out = {

@@ -20,6 +20,11 @@ PROMOTIONS = "models/promotions/"
 PREDICTIONS = "predictions/"
 REPORTS = "reports/"
 WATCH_STATE = "reports/watch/announced.json"
+# The scoring ledger (darkroom.ledger): which (key, etag, version) the predictions hold.
+LEDGER = "ledger/"
+LEDGER_PARTS = "ledger/parts/"
+LEDGER_MERGED = "ledger/merged/"
+COMPACTIONS = "ledger/compactions/"
 DEMO_TRUTH = "demo/incoming_truth.csv"
 
 
@@ -69,6 +74,25 @@ def predictions(version_id: str | None = None, chunk: str | None = None) -> str:
     if version_id is None:
         return PREDICTIONS
     return f"{PREDICTIONS}{version_id}/" + (f"{chunk}.parquet" if chunk else "")
+
+
+def predictions_version(key: str) -> str:
+    """The version a ``predictions/<version>/...`` key belongs to."""
+    return key.removeprefix(PREDICTIONS).split("/", 1)[0]
+
+
+def ledger_part(predictions_key: str) -> str:
+    """The ledger part of one predictions file: ``ledger/parts/<version>/<file>.parquet``."""
+    return LEDGER_PARTS + predictions_key.removeprefix(PREDICTIONS)
+
+
+def ledger_merged(name: str) -> str:
+    return f"{LEDGER_MERGED}{name}.parquet"
+
+
+def compaction(version_id: str, name: str) -> str:
+    """What a compaction of ``version_id``'s predictions merges into ``name``, until it is done."""
+    return f"{COMPACTIONS}{version_id}/{name}.json"
 
 
 def quarantine(run: str) -> str:

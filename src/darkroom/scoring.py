@@ -6,12 +6,15 @@ chunk writes the same file instead of a duplicate. A pair whose object could not
 gets no row (it is not scored, and the next run plans it again): its chunk's file holds the
 other pairs only, and the next run puts the pair in a new chunk, with another id, that no
 earlier file holds a row of. A pair fetched but undecodable gets its row once, with the reason.
+Which pairs are scored comes from the scoring ledger (``darkroom.ledger``), which
+``write_predictions`` adds to after each file, so planning never reads the predictions.
 Planning needs no torch (the watcher plans too); only ``score_chunk`` loads a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from darkroom import layout
+from darkroom import layout, ledger
 from darkroom.config import ScoreConfig
 from darkroom.storage import LocalStorage, ObjectInfo, Storage
 from darkroom.sync import CachedObject, SyncReport, cache_path, fetch_objects, is_image_key
@@ -61,18 +64,9 @@ def chunk_id(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def scored_pairs(storage: Storage, version: str | None) -> set[tuple[str, str]]:
-    """(key, etag) pairs that have a prediction row for ``version`` (None: any version)."""
-    done: set[tuple[str, str]] = set()
-    for obj in storage.list(layout.predictions(version)):
-        if obj.key.endswith(".parquet"):
-            t = storage.read_parquet(obj.key, columns=["key", "etag"])
-            done.update(zip(t["key"], t["etag"], strict=True))
-    return done
-
-
-def plan_chunks(pending: Sequence[tuple[str, str]], chunk_size: int) -> list[list[tuple[str, str]]]:
-    pending = sorted(pending)
-    return [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
+    """(key, etag) pairs that have a prediction row for ``version`` (None: any version), from
+    the scoring ledger, as Python objects: for small roots (planning uses ``ledger.scored``)."""
+    return ledger.scored(storage, version).pairs()
 
 
 def predictions_table(
@@ -124,8 +118,11 @@ def predictions_table(
 def write_predictions(
     storage: Storage, version: str, cid: str, rows: pa.Table | pd.DataFrame
 ) -> str:
+    """Writes one chunk's predictions file, then its part of the scoring ledger (a run
+    stopped in between leaves a file that the next plan records: no pair is scored twice)."""
     key = layout.predictions(version, cid)
-    storage.write_parquet(key, rows, schema=PREDICTION_SCHEMA)
+    etag = storage.write_parquet(key, rows, schema=PREDICTION_SCHEMA)
+    ledger.record(storage, version, key, etag, rows)
     return key
 
 
@@ -177,20 +174,55 @@ class ChunkResult:
     unfetched_reasons: dict[str, str] = field(default_factory=dict)
 
 
-def pending_chunks(
-    storage: Storage, version: str, chunk_size: int, rescore: bool = False
-) -> ScorePlan:
-    """Incoming (key, etag) pairs to score, in deterministic chunks.
+@dataclass
+class StreamedPlan:
+    """The chunks of one scoring run, made while ``incoming/`` is listed (page by page on
+    S3): the listing is taken one chunk's worth at a time, looked up in the scoring ledger,
+    and a chunk is handed out as soon as it is full, so a run holds the ledger's columns plus
+    the chunks in flight, not the whole listing. Counts fill in as it goes.
 
     New images are those no model version has scored yet; with ``rescore``, every pair that
     ``version`` itself has not scored (older versions' predictions stay as they are).
     """
-    listed = [(o.key, o.etag) for o in storage.list(layout.INCOMING) if is_image_key(o.key)]
-    done = scored_pairs(storage, version if rescore else None)  # None: every version's
-    pending = [p for p in listed if p not in done]
-    return ScorePlan(
-        plan_chunks(pending, chunk_size), len(listed), len(listed) - len(pending), len(pending)
-    )
+
+    storage: Storage
+    version: str
+    chunk_size: int
+    rescore: bool = False
+    incoming: int = 0
+    already_scored: int = 0
+
+    @property
+    def to_score(self) -> int:
+        return self.incoming - self.already_scored
+
+    def chunks(self) -> Iterator[list[tuple[str, str]]]:
+        done = ledger.scored(self.storage, self.version if self.rescore else None)
+        listed = (o for o in self.storage.list(layout.INCOMING) if is_image_key(o.key))
+        chunk: list[tuple[str, str]] = []
+        while batch := [(o.key, o.etag) for o in itertools.islice(listed, self.chunk_size)]:
+            scored = done.contains(batch)
+            self.incoming += len(batch)
+            self.already_scored += sum(scored)
+            for pair, seen in zip(batch, scored, strict=True):
+                if seen:
+                    continue
+                chunk.append(pair)
+                if len(chunk) == self.chunk_size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
+
+
+def pending_chunks(
+    storage: Storage, version: str, chunk_size: int, rescore: bool = False
+) -> ScorePlan:
+    """Every chunk of a ``StreamedPlan`` at once, with its counts (for small roots and tests;
+    the scoring flow takes them one at a time)."""
+    plan = StreamedPlan(storage, version, chunk_size, rescore)
+    chunks = list(plan.chunks())
+    return ScorePlan(chunks, plan.incoming, plan.already_scored, plan.to_score)
 
 
 def score_chunk(

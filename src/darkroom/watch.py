@@ -1,23 +1,27 @@
 """Which incoming images are new: the watcher's state, kept in storage.
 
 An image is new when its (key, etag) pair is under ``incoming/``, no model (the champion or an
-earlier one) has scored it, and no earlier tick announced it. The announced pairs live in ``reports/watch/announced.json``
-(written atomically, pruned to what is still under ``incoming/``), so repeated ticks announce
-each arrival once, and a replaced image (new etag) counts as a new arrival.
+earlier one) has scored it (the scoring ledger says so), and no earlier tick announced it. The
+state, ``reports/watch/announced.json`` (written atomically), holds only the announced pairs
+that are still waiting: under ``incoming/`` and not scored yet. So repeated ticks announce each
+arrival once, a replaced image (new etag) counts as a new arrival, and the state shrinks back
+as soon as what it announced is scored: its size follows the backlog, not the history.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from darkroom import layout, registry
+from darkroom import layout, ledger, registry
 from darkroom.config import StorageConfig
-from darkroom.scoring import scored_pairs
 from darkroom.storage import Storage
 from darkroom.sync import is_image_key
 
 ARRIVED = "darkroom.images.arrived"
+LOOKUP_BATCH = 10_000  # listed pairs looked up in the ledger at once: memory follows the backlog
 
 
 class WatchConfig(StorageConfig):
@@ -34,28 +38,46 @@ def read_announced(storage: Storage) -> set[tuple[str, str]]:
     return {(k, e) for k, e in state.get("pairs", [])}
 
 
-def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], dict]:
-    """New (key, etag) pairs under ``incoming/`` and the counts behind the decision."""
-    listed = sorted((o.key, o.etag) for o in storage.list(layout.INCOMING) if is_image_key(o.key))
+@dataclass
+class Look:
+    """One look at ``incoming/``: the new pairs, those waiting (listed and not scored), the
+    announced pairs as stored, and the counts behind the decision."""
+
+    new: list[tuple[str, str]]
+    waiting: list[tuple[str, str]]
+    announced: set[tuple[str, str]]
+    counts: dict
+
+
+def look(storage: Storage) -> Look:
     champion, _ = registry.read_champion(storage)
     # What a plain score run would skip: pairs any model version already scored.
-    scored = scored_pairs(storage, None)
+    scored = ledger.scored(storage)
     announced = read_announced(storage)
-    new = [p for p in listed if p not in scored and p not in announced]
-    return new, {
-        "incoming": len(listed),
-        "scored": len(scored & set(listed)),
-        "announced": len(announced & set(listed)),
+    listed = (o for o in storage.list(layout.INCOMING) if is_image_key(o.key))
+    incoming, waiting = 0, []
+    while batch := [(o.key, o.etag) for o in itertools.islice(listed, LOOKUP_BATCH)]:
+        incoming += len(batch)
+        waiting += [p for p, done in zip(batch, scored.contains(batch), strict=True) if not done]
+    new = [p for p in waiting if p not in announced]
+    counts = {
+        "incoming": incoming,
+        "scored": incoming - len(waiting),
+        "announced": len(waiting) - len(new),
         "new": len(new),
         "champion": champion["version"] if champion else None,
     }
+    return Look(new, waiting, announced, counts)
 
 
-def mark_announced(storage: Storage, pairs: list[tuple[str, str]]) -> None:
-    """Adds ``pairs`` to the state, keeping only pairs still under ``incoming/``."""
-    present = {(o.key, o.etag) for o in storage.list(layout.INCOMING)}
-    keep = sorted((read_announced(storage) | set(pairs)) & present)
-    state = {"updated_at": datetime.now(UTC).isoformat(), "pairs": [list(p) for p in keep]}
+def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], dict]:
+    """New (key, etag) pairs under ``incoming/`` and the counts behind the decision."""
+    seen = look(storage)
+    return seen.new, seen.counts
+
+
+def save_announced(storage: Storage, pairs: list[tuple[str, str]]) -> None:
+    state = {"updated_at": datetime.now(UTC).isoformat(), "pairs": [list(p) for p in pairs]}
     storage.write_json(layout.WATCH_STATE, state)
 
 
@@ -66,14 +88,21 @@ def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:
 
     The state is written after the event, so a failed emit is retried on the next tick; a
     failed state write only means the same images are announced twice (scoring is idempotent).
+    It is written only when it changes: the pairs announced and still waiting.
     """
-    new, counts = new_arrivals(storage)
-    if not new or counts["champion"] is None:  # nothing to score with yet: wait, keep them new
-        return {**counts, "emitted": False}
-    emit(
-        event=ARRIVED,
-        resource={"prefect.resource.id": resource_id(storage)},
-        payload={"count": len(new), "storage": storage.uri, "keys": [k for k, _ in new[:20]]},
-    )
-    mark_announced(storage, new)
-    return {**counts, "emitted": True}
+    seen = look(storage)
+    emitted = bool(seen.new) and seen.counts["champion"] is not None
+    if emitted:
+        emit(
+            event=ARRIVED,
+            resource={"prefect.resource.id": resource_id(storage)},
+            payload={
+                "count": len(seen.new),
+                "storage": storage.uri,
+                "keys": [k for k, _ in seen.new[:20]],
+            },
+        )
+    keep = seen.waiting if emitted else [p for p in seen.waiting if p in seen.announced]
+    if set(keep) != seen.announced:
+        save_announced(storage, keep)
+    return {**seen.counts, "emitted": emitted}

@@ -18,7 +18,6 @@ from darkroom.model import create_model, mean_std, sha256, to_bytes
 from darkroom.scoring import (
     PREDICTION_SCHEMA,
     chunk_id,
-    plan_chunks,
     read_predictions,
     scored_pairs,
     write_predictions,
@@ -84,17 +83,22 @@ def test_chunk_id_no_concatenation_ambiguity():
     assert chunk_id([("a", "bc")]) != chunk_id([("ab", "c")])
 
 
-def test_plan_chunks_sizes_and_order():
-    pending = [(f"incoming/{i:02d}.png", "e") for i in range(10)]
-    chunks = plan_chunks(list(reversed(pending)), 4)
-    assert [len(c) for c in chunks] == [4, 4, 2]
-    assert [p for c in chunks for p in c] == pending  # sorted, nothing lost or repeated
-    assert plan_chunks(pending, 10) == [pending]
-    assert plan_chunks(pending, 100) == [pending]
-    assert plan_chunks([], 5) == []
-    # Deterministic: same pending set, same chunk ids.
-    again = plan_chunks(pending[5:] + pending[:5], 4)
-    assert [chunk_id(c) for c in again] == [chunk_id(c) for c in chunks]
+def test_chunks_follow_the_listing_in_order_and_are_deterministic(local_storage):
+    for i in reversed(range(10)):
+        local_storage.put_source_object(f"incoming/{i:02d}.png", png_bytes(value=i))
+    pairs = sorted((o.key, o.etag) for o in local_storage.list("incoming/"))
+    plan = scoring.pending_chunks(local_storage, "v1", 4)
+    assert [len(c) for c in plan.chunks] == [4, 4, 2]
+    assert [p for c in plan.chunks for p in c] == pairs  # sorted, nothing lost or repeated
+    assert scoring.pending_chunks(local_storage, "v1", 10).chunks == [pairs]
+    assert scoring.pending_chunks(local_storage, "v1", 100).chunks == [pairs]
+    again = scoring.pending_chunks(local_storage, "v1", 4)
+    assert [chunk_id(c) for c in again.chunks] == [chunk_id(c) for c in plan.chunks]
+
+
+def test_no_chunks_for_an_empty_incoming(local_storage):
+    plan = scoring.pending_chunks(local_storage, "v1", 5)
+    assert (plan.chunks, plan.incoming, plan.to_score) == ([], 0, 0)
 
 
 # ---- prediction rows ------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def test_fetch_error_becomes_unreadable_with_its_message(loaded, incoming):
 def test_scored_pairs_and_folder_read(local_storage, loaded, incoming):
     items, paths = incoming
     probs, ok = loaded.predict_proba(paths)
-    chunks = plan_chunks(items, 3)
+    chunks = [items[:3], items[3:]]
     for chunk in chunks:
         pos = [items.index(p) for p in chunk]
         df = predictions_frame(loaded, chunk, probs[pos], ok[pos], {}, topk=3)
