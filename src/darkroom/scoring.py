@@ -30,7 +30,15 @@ import pyarrow.compute as pc
 from darkroom import layout, ledger
 from darkroom.config import ScoreConfig
 from darkroom.storage import LocalStorage, ObjectInfo, Storage
-from darkroom.sync import CachedObject, SyncReport, cache_path, fetch_objects, is_image_key
+from darkroom.sync import (
+    CachedObject,
+    SyncReport,
+    UnsupportedFormat,
+    cache_path,
+    fetch_objects,
+    is_unsupported_image,
+    names_an_image,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -198,7 +206,7 @@ class StreamedPlan:
 
     def chunks(self) -> Iterator[list[tuple[str, str]]]:
         done = ledger.scored(self.storage, self.version if self.rescore else None)
-        listed = (o for o in self.storage.list(layout.INCOMING) if is_image_key(o.key))
+        listed = (o for o in self.storage.list(layout.INCOMING) if names_an_image(o.key))
         chunk: list[tuple[str, str]] = []
         while batch := [(o.key, o.etag) for o in itertools.islice(listed, self.chunk_size)]:
             scored = done.contains(batch)
@@ -246,7 +254,7 @@ def score_chunk(
         rows = [p for p in part if p[0] not in lost]
         if rows:
             loaded = loaded or _load(storage, config, version)
-            parts.append(_predict_part(loaded, config, rows, local, report.refused_keys))
+            parts.append(_predict_part(loaded, config, rows, local, report.refused_reasons))
         cached.extend(local.values())
     if result.unfetched:
         log.warning(
@@ -278,7 +286,13 @@ def _fetch_ahead(
 
     def fetch(part):
         report = SyncReport(prefix=layout.INCOMING)
-        objs = [ObjectInfo(k, 0, e, datetime.now(UTC)) for k, e in part]
+        for key in (k for k, _ in part if is_unsupported_image(k)):  # never downloaded
+            report.refuse(key, UnsupportedFormat(key))
+        objs = [
+            ObjectInfo(k, 0, e, datetime.now(UTC))
+            for k, e in part
+            if k not in report.refused_reasons
+        ]
         local = fetch_objects(storage, objs, cache_dir, report, config.download_concurrency)
         return part, local, report
 
@@ -298,17 +312,24 @@ def _load(storage: Storage, config: ScoreConfig, version: str):
     return load_version(storage, version, config.device)
 
 
-def _predict_part(loaded, config: ScoreConfig, rows, local, refused_keys) -> tuple:
+def _predict_part(loaded, config: ScoreConfig, rows, local, refused: Mapping) -> tuple:
     """(rows, probs, ok, errors, statuses) for fetched (or refused) pairs: a decoder's refusal
-    is its row's status and error; an unsafe key, which no retry fixes, is unreadable."""
+    is its row's status and error; an unsafe key, which no retry fixes, is unreadable; an
+    image format darkroom does not read is unsupported_format, with what to convert it to."""
     paths = [local[k].path if k in local else "" for k, _ in rows]
     pred = loaded.predict(
         paths, config.batch_size, config.num_workers, config.tta, config.max_image_pixels
     )
     bad = [i for i, s in enumerate(pred.status) if s != "ok"]
     errors = {rows[i][0]: pred.errors[i] for i in bad}
-    errors |= {k: "refused: the key is not a safe relative path" for k in refused_keys}
-    return rows, pred.probs, pred.ok, errors, {rows[i][0]: pred.status[i] for i in bad}
+    statuses = {rows[i][0]: pred.status[i] for i in bad}
+    for key, why in refused.items():
+        unsupported = why["status"] == UnsupportedFormat.status
+        errors[key] = (
+            why["error"] if unsupported else "refused: the key is not a safe relative path"
+        )
+        statuses[key] = why["status"] if unsupported else "unreadable"
+    return rows, pred.probs, pred.ok, errors, statuses
 
 
 def _joined(parts: list[tuple]) -> tuple:

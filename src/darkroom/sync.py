@@ -135,6 +135,12 @@ def is_unsupported_image(key: str) -> bool:
     return key.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS)
 
 
+def names_an_image(key: str) -> bool:
+    """Whether ``key`` is one a user put in as an image: one darkroom reads, or one in a
+    format it refuses (which then gets a row saying so, never a silent skip)."""
+    return is_unsupported_image(key) or is_image_key(key)
+
+
 def _manifest_path(cache_dir: Path, prefix: str) -> Path:
     name = prefix.strip("/").replace("/", "__") or "root"
     return cache_dir / "manifests" / f"{name}.json"

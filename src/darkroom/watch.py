@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from darkroom import layout, ledger, registry
 from darkroom.config import StorageConfig
 from darkroom.storage import Storage
-from darkroom.sync import is_image_key
+from darkroom.sync import names_an_image
 
 ARRIVED = "darkroom.images.arrived"
 LOOKUP_BATCH = 10_000  # listed pairs looked up in the ledger at once: memory follows the backlog
@@ -54,7 +54,7 @@ def look(storage: Storage) -> Look:
     # What a plain score run would skip: pairs any model version already scored.
     scored = ledger.scored(storage)
     announced = read_announced(storage)
-    listed = (o for o in storage.list(layout.INCOMING) if is_image_key(o.key))
+    listed = (o for o in storage.list(layout.INCOMING) if names_an_image(o.key))
     incoming, waiting = 0, []
     while batch := [(o.key, o.etag) for o in itertools.islice(listed, LOOKUP_BATCH)]:
         incoming += len(batch)

@@ -406,6 +406,29 @@ def test_score_chunk_rows_are_the_models_predictions(local_storage, tiny_model, 
     assert result.low_confidence == int((back["confidence"][good] < 0.5).sum())
 
 
+def test_unsupported_formats_get_a_row_saying_so_other_files_none(local_storage, tiny_model):
+    # A phone's .heic under incoming/ was meant to be scored: a row says why it was not (and
+    # the pair counts as scored, so it is not planned every hour); a notes.txt is no image.
+    model, meta = tiny_model
+    _write_version(local_storage, "v3", model, meta)
+    write_digits(local_storage, classes=("0",), per_class=1, incoming=2)
+    local_storage.put_source_object("incoming/from phone.HEIC", b"ftypheic....")
+    local_storage.put_source_object("incoming/anim.gif", b"GIF89a....")
+    local_storage.put_source_object("incoming/notes.txt", b"hello")
+    plan = scoring.pending_chunks(local_storage, "v3", chunk_size=10)
+    planned = [k for chunk in plan.chunks for k, _ in chunk]
+    assert "incoming/notes.txt" not in planned and len(planned) == 4
+    config = ScoreConfig(storage=local_storage.uri, device="cpu", batch_size=2)
+    result = scoring.score_chunk(local_storage, config, "v3", plan.chunks[0])
+    back = read_predictions(local_storage, "v3").set_index("key")
+    for key in ("incoming/from phone.HEIC", "incoming/anim.gif"):
+        assert back.loc[key, "status"] == "unsupported_format"
+        assert "convert it to one of .jpg" in back.loc[key, "error"]
+        assert pd.isna(back.loc[key, "label"])  # no label made up for it
+    assert (back["status"] == "ok").sum() == 2 and result.failed == 2
+    assert scoring.pending_chunks(local_storage, "v3", chunk_size=10).chunks == []
+
+
 def test_pending_pairs_new_or_not_scored_by_this_version(local_storage):
     for i in range(4):
         local_storage.put_source_object(f"incoming/{i}.png", png_bytes(value=i))
