@@ -110,8 +110,11 @@ def side_by_side(loaded, storage, config, version: str) -> tuple[float, float, i
         torch.rand(bs, 3, size, size).to(loaded.device) for _ in range(-(-config.chunk_size // bs))
     ]
     loaded.forward(batches[0])  # warm-up: cuDNN picks its kernels here
-    for obj in storage.list(layout.predictions(version)):  # every round scores all again
-        storage.delete(obj.key)
+    # Every round scores all again, from a root as a new champion finds it: no predictions of
+    # this version and no ledger rows.
+    for prefix in (layout.predictions(version), layout.LEDGER):
+        for obj in storage.list(prefix):
+            storage.delete(obj.key)
     t0 = time.perf_counter()
     plan = pending_chunks(storage, version, config.chunk_size)
     e2e, model, rows = time.perf_counter() - t0, 0.0, 0

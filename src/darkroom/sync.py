@@ -32,14 +32,10 @@ from darkroom.storage import (
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# Image files darkroom does not read: refused and reported, not skipped in silence, so a user
-# who put photos in one of these formats learns why they are not in the index.
-UNSUPPORTED_IMAGE_EXTENSIONS = (
-    ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".ico",
-    ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2",
-)  # fmt: skip
-# A report keeps why the first few objects failed: enough to tell a cause, bounded in size.
-MAX_FAILED_REASONS = 20
+# Images darkroom does not read: refused and reported (never skipped in silence).
+UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2",
+    ".j2k", ".svg", ".ico", ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2")  # fmt: skip
+MAX_FAILED_REASONS = 20  # why the first few failed: enough to tell a cause, bounded in size
 SHOWN_FAILURES = 3  # named in SyncIncomplete's message
 
 
@@ -61,8 +57,7 @@ class SyncIncomplete(StorageError):
 
 
 class SyncDenied(SyncIncomplete, StorageSetupError):
-    """As SyncIncomplete, where every failure was a refusal (access denied, bad credentials):
-    a retry gets the same answer, so the task is not retried."""
+    """SyncIncomplete where every failure was a refusal (access denied): not retried."""
 
 
 @dataclass

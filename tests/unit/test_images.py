@@ -33,11 +33,13 @@ from darkroom.data import (
     read_header,
     read_rgb,
 )
+from darkroom.headers import _png_header, pillow_header
 from darkroom.index import build_index, describe_image, read_index, rebuild_index, write_index
 from darkroom.inference import LoadedModel
 from darkroom.model import create_model, mean_std, sha256, to_bytes
 from darkroom.sync import sync_labeled, sync_prefix
 from tests.conftest import TINY, png_bytes, write_digits
+from tests.hostile import BATTERY
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 HUGE_ERROR = "30000x30000 = 900,000,000 pixels exceeds max_image_pixels 178,956,970"
@@ -484,3 +486,55 @@ print(json.dumps({{"before": before, "after": rss(), "shape": shape}}))
     print(f"peak RSS decoding the 100 MP JPEG at reduced scale: {out}")
     assert out["shape"] == [1050, 1500, 3]
     assert out["after"] - out["before"] < 64 << 20  # full scale: 300 MB of RGB
+
+
+def _png(mode: str, **save) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 9, 4), np.uint8)
+    image = Image.fromarray(pixels[..., : Image.getmodebands(mode)].squeeze(), mode)
+    out = io.BytesIO()
+    image.save(out, "PNG", **save)
+    return out.getvalue()
+
+
+FAST_PNGS = {
+    "grey": lambda: _png("L"),
+    "rgb": lambda: _png("RGB"),
+    "rgba": lambda: _png("RGBA"),
+    "grey alpha": lambda: _png("LA"),
+    "rgb, one colour transparent": lambda: _png("RGB", transparency=(0, 0, 0)),
+    "grey, one level transparent": lambda: _png("L", transparency=0),
+    "with text chunks": lambda: _png("RGB", pnginfo=_text_chunks()),
+}
+
+
+def _text_chunks():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "darkroom test")
+    return info
+
+
+@pytest.mark.parametrize("name", sorted(FAST_PNGS))
+def test_png_header_read_directly_is_pillows(name):
+    # The common PNGs' header is read without Pillow (scoring reads one per image): it must say
+    # what Pillow says, transparency chunks included.
+    data = FAST_PNGS[name]()
+    assert _png_header(data) is not None, "this PNG should take the direct path"
+    assert read_header(data) == pillow_header(data)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in BATTERY if c.make()[:4] == b"\x89PNG"], ids=lambda c: c.path
+)
+def test_every_png_of_the_battery_gets_pillows_header_or_its_error(case):
+    data = case.make()
+    try:
+        expected = pillow_header(data)
+    except UnreadableImage:
+        expected = None
+    if expected is None:  # Pillow refuses it: the direct path must not accept it either...
+        with pytest.raises(UnreadableImage):
+            decode_rgb(data)  # ...or OpenCV refuses the pixels
+    else:
+        assert read_header(data) == expected
