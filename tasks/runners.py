@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
 
-from darkroom.cache import usable_cores
+from darkroom.cores import usable_cores
 from tasks.common import visible_gpus
 
 if TYPE_CHECKING:

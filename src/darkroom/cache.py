@@ -20,10 +20,8 @@ larger cache re-resized would change pixels and cost a second resize per image p
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import math
 import os
 import time
 import uuid
@@ -35,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from darkroom.cores import usable_cores
 from darkroom.data import DEFAULT_MAX_IMAGE_PIXELS, read_rgb
 from darkroom.progress import Progress
 
@@ -43,35 +42,6 @@ log = logging.getLogger(__name__)
 # Bump when decode_rgb or the resize below changes pixels: old entries are then never read.
 DECODE_VERSION = 1
 _STALE_TEMP_SECONDS = 3600  # a temporary file this old was left by a killed build
-
-
-CGROUP = Path("/sys/fs/cgroup")
-
-
-def cpu_quota(cgroup: Path = CGROUP) -> float | None:
-    """The CPU limit of this process's container in cores (a Kubernetes ``limits.cpu``, a
-    ``docker run --cpus``), from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``; None when
-    there is none."""
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    with contextlib.suppress(OSError, ValueError):
-        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    return None
-
-
-def usable_cores(cgroup: Path = CGROUP) -> int:
-    """The cores this process may use: its CPU affinity (the machine's cores where the OS has
-    none), capped by its container's CPU limit. A pod limited to 4 CPUs on a 64-core node
-    counts 4, not 64."""
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
-    quota = cpu_quota(cgroup)
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def resize_square(rgb: np.ndarray, side: int) -> np.ndarray:

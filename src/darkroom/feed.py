@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from darkroom.cache import load_entry, usable_cores
+from darkroom.cache import load_entry
+from darkroom.cores import usable_cores
 from darkroom.data import augmentation, worker_context
 
 if TYPE_CHECKING:

@@ -103,7 +103,7 @@ def fit_in_processes(
 def _devices(device: str, n: int) -> tuple[str, dict]:
     """("cuda" or "cpu", the launcher's environment) for ``device``: a held ``cuda:i,j`` shows
     the ranks those GPUs alone; a CPU's cores are shared out among the ranks."""
-    from darkroom.cache import usable_cores
+    from darkroom.cores import usable_cores
 
     env = {**os.environ, PARENT: str(os.getpid())}
     name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -270,7 +270,7 @@ def _workers(num_workers: int | str, world: int) -> int | str:
     of two cores or fewer), as ``feed.resolve_workers`` counts for a process alone."""
     if num_workers != "auto":
         return num_workers
-    from darkroom.cache import usable_cores
+    from darkroom.cores import usable_cores
 
     share = usable_cores() // world
     return share - 1 if share > 2 else 0

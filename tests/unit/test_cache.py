@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from darkroom import feed
-from darkroom.cache import DECODE_VERSION, DecodedCache, cpu_quota, usable_cores
+from darkroom.cache import DECODE_VERSION, DecodedCache
 from darkroom.config import RetrainConfig
+from darkroom.cores import cpu_quota, usable_cores
 from darkroom.data import ImageDataset, ImageTooLarge, UnreadableImage, build_transform
 from darkroom.fit import FoldData, fit
 from darkroom.steps import LoaderLimits, StepOptions, make_loader, to_device

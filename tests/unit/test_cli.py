@@ -116,3 +116,16 @@ def test_unreachable_pretrained_weights_stop_at_once_naming_the_ways_out(local_s
 @pytest.mark.parametrize("command", ["retrain", "score", "status"])
 def test_errors_exit_1_for_every_command(command):
     one_line_error(darkroom(command, "--storage", "gopher://x"), "unsupported storage URI")
+
+
+def test_scoring_and_watching_start_without_the_training_stack():
+    # A `darkroom score` with nothing new, and the watcher every few minutes, pay only for what
+    # they use: torch, timm, OpenCV and the rest load when an image is scored, not at start-up
+    # (an import of the decode cache from the runners once cost every run 1.5 s here).
+    heavy = ("torch", "timm", "torchvision", "albumentations", "cv2", "sklearn", "matplotlib")
+    code = (
+        "import sys, darkroom.cli, flows.score, flows.watch; "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"
