@@ -152,16 +152,15 @@ def _load(storage: Storage) -> Ledger:
 
 
 def _read(storage: Storage, key: str) -> pa.Table:
-    # pandas keeps Arrow strings and dictionaries as they are: no Python object per row.
-    table = pa.Table.from_pandas(storage.read_parquet(key), preserve_index=False)
-    return table.cast(LEDGER_SCHEMA)
+    # Arrow as stored: no pandas import, no Python object per row.
+    return storage.read_table(key).cast(LEDGER_SCHEMA)
 
 
 def _record_existing(storage: Storage, key: str, etag: str) -> pa.Table:
     """Records a predictions file that has no ledger rows: an earlier darkroom wrote it (no
     ledger then), or its run stopped before writing its part."""
-    df = storage.read_parquet(key, columns=["key", "etag"])
-    table = ledger_rows(layout.predictions_version(key), key, etag, df["key"], df["etag"])
+    rows = storage.read_table(key, columns=["key", "etag"])
+    table = ledger_rows(layout.predictions_version(key), key, etag, rows["key"], rows["etag"])
     storage.write_parquet(layout.ledger_part(key), table)
     return table
 

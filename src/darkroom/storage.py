@@ -204,12 +204,16 @@ class Storage:
         """Writes ``obj`` as indented JSON; ``kw`` are write_bytes' conditions."""
         return self.write_text(key, json.dumps(obj, indent=2, default=str), **kw)
 
+    def read_table(self, key: str, columns: list[str] | None = None):
+        """A Parquet file as a pyarrow Table (no pandas: what planning reads)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+
     def read_parquet(self, key: str, columns: list[str] | None = None):
         """A Parquet file as a DataFrame; the ``meta`` it was written with is in
         ``df.attrs["darkroom"]`` (absent when it had none)."""
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+        table = self.read_table(key, columns)
         df = table.to_pandas()
         meta = (table.schema.metadata or {}).get(PARQUET_META)
         if meta is not None:
