@@ -205,11 +205,17 @@ class StreamedPlan:
         return self.incoming - self.already_scored
 
     def chunks(self) -> Iterator[list[tuple[str, str]]]:
-        done = ledger.scored(self.storage, self.version if self.rescore else None)
+        # The ledger is read while the listing starts: Parquet decoding releases the GIL.
+        with ThreadPoolExecutor(1, thread_name_prefix="darkroom-ledger") as pool:
+            version = self.version if self.rescore else None
+            reading = pool.submit(ledger.scored, self.storage, version)
+            yield from self._chunks(reading)
+
+    def _chunks(self, reading) -> Iterator[list[tuple[str, str]]]:
         listed = (o for o in self.storage.list(layout.INCOMING) if names_an_image(o.key))
         chunk: list[tuple[str, str]] = []
         while batch := [(o.key, o.etag) for o in itertools.islice(listed, self.chunk_size)]:
-            scored = done.contains(batch)
+            scored = reading.result().contains(batch)
             self.incoming += len(batch)
             self.already_scored += sum(scored)
             for pair, seen in zip(batch, scored, strict=True):
