@@ -215,8 +215,7 @@ class Storage:
         ``df.attrs["darkroom"]`` (absent when it had none)."""
         table = self.read_table(key, columns)
         df = table.to_pandas()
-        meta = (table.schema.metadata or {}).get(PARQUET_META)
-        if meta is not None:
+        if (meta := (table.schema.metadata or {}).get(PARQUET_META)) is not None:
             df.attrs["darkroom"] = json.loads(meta)
         return df
 
@@ -301,10 +300,8 @@ class LocalStorage(Storage):
         found = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not _is_temp_or_hidden(d)]
-            # Strings, not a Path per file: a listing of 200,000 files spent most of its time
-            # building and relativising paths.
-            folder = Path(dirpath).relative_to(self.root).as_posix()
-            folder = "" if folder == "." else folder + "/"
+            # Strings, not a Path per file (a Path per file was most of a large listing's time).
+            folder = f"{Path(dirpath).relative_to(self.root).as_posix()}/".removeprefix("./")
             for name in filenames:
                 key = folder + name
                 if _is_temp_or_hidden(name) or not key.startswith(prefix):
