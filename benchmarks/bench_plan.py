@@ -27,11 +27,10 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sync import aws_env  # noqa: E402
+from bench_sync import aws_env, moto_endpoint  # noqa: E402
 
 RUNS = 3
 ROWS_PER_FILE = 5_000
@@ -80,25 +79,9 @@ server.stop()
 """
 
 
-@contextmanager
 def seeded_moto(keys: int):
-    """The URL of a moto server holding ``keys`` empty incoming objects under each root."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", MOTO_SEEDED, BUCKET, str(keys)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        host, port = proc.stdout.readline().split()
-        yield f"http://{host}:{port}"
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """A moto server holding ``keys`` empty incoming objects under each root: its URL."""
+    return moto_endpoint(MOTO_SEEDED, BUCKET, str(keys))
 
 
 def plan_in_child(uri: str) -> dict:

@@ -56,11 +56,15 @@ server.stop()
 
 
 @contextmanager
-def moto_endpoint():
+def moto_endpoint(code: str = MOTO_CHILD, *args: str):
     """The URL of a moto server running in a child process (a plain subprocess: it needs no
-    import of the caller's main module, whatever script runs the benchmark)."""
+    import of the caller's main module, whatever script runs the benchmark). ``code`` prints
+    "host port", then serves until its stdin closes."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         host, port = proc.stdout.readline().split()
