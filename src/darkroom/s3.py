@@ -260,11 +260,30 @@ class S3Storage(Storage):
         except ClientError as e:
             code = e.response["Error"]["Code"]
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                if (etag := self._landed_before(key, data, e)) is not None:
+                    return etag
                 raise PreconditionFailed(f"{self.url(key)} changed since it was read") from e
             if if_match is not None and code in ("NoSuchKey", "404", "NotFound"):
                 raise PreconditionFailed(f"{self.url(key)} no longer exists") from e
             raise self.storage_error(e, f"write {key}") from e
         return resp["ETag"].strip('"')
+
+    def _landed_before(self, key: str, data: bytes, error: Exception) -> str | None:
+        """The etag of ``key`` when a conditional PUT that boto sent again was refused because
+        its first try had landed (the reply was lost on the way back, so the retry found the
+        object already changed: by this very write). None when the object holds other bytes,
+        or when the refusal came on the first try."""
+        if not error.response.get("ResponseMetadata", {}).get("RetryAttempts"):
+            return None
+        try:
+            current = self._get(key)
+            body = current["Body"].read()
+        except (FileNotFoundError, StorageError):
+            return None
+        if body != data:
+            return None
+        log.info("%s: the write's first try had landed (its reply was lost)", self.url(key))
+        return current["ETag"].strip('"')
 
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -23,7 +23,8 @@ the same RNG), so every kind shows up:
 GET of the bucket itself), as they arrived, faulted or not: what a client really sends.
 
 ``fail_keys`` makes every GET or HEAD of the named object keys fail with a fixed status (403
-AccessDenied, 500 InternalError...), whatever the rate. Everything stays on 127.0.0.1, every
+AccessDenied, 500 InternalError...), whatever the rate. ``lose_writes`` gives the next N PUTs
+of the named keys the ``lost`` fault: the write lands, its reply never comes back. Everything stays on 127.0.0.1, every
 upstream call has a timeout, and a request budget bounds the traffic of one proxy.
 """
 
@@ -95,6 +96,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self._deck: list[bool] = []
         self.fail_keys: dict[str, int] = {}
+        self.lose_writes: dict[str, int] = {}  # key name -> PUTs of it still to lose
         self.only: tuple[str, ...] = ()  # empty: every request kind
         self.counts: Counter[str] = Counter()
         self._calls: Counter[str] = Counter()
@@ -165,6 +167,11 @@ class FaultProxy:
             for name, status in self.fail_keys.items():
                 if path.endswith("/" + name):
                     return f"forced_{status}"
+        if method == "PUT":
+            for name, left in self.lose_writes.items():
+                if left and path.endswith("/" + name):
+                    self.lose_writes[name] = left - 1
+                    return "lost"
         if self.only and kind not in self.only or not self._fault_due():
             return None
         # A spoilt body needs a body: writes and HEADs answer with none.
