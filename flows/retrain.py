@@ -24,8 +24,8 @@ from tasks.runners import (
     fold_resources,
     folds_in_flight,
     for_workers,
+    running,
     submit_bounded,
-    task_runner,
 )
 from tasks.sync import sync_labeled
 from tasks.train import check_pretrained, finalize_candidate, train_fold
@@ -108,7 +108,7 @@ def train_folds(config: RetrainConfig, snapshot: str, version: str) -> list[Fold
     if config.task_runner == "threads" and visible_gpus(config.device):
         # sized from config (one slot per GPU), unless the operator made one
         ensure_gpu_limit(limit * config.devices_per_fold)
-    with task_runner(config) as runner:
+    with running(config) as runner:
         resources = fold_resources(config)
 
         def run(numbers: range) -> list[FoldSummary]:

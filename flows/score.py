@@ -18,8 +18,8 @@ from tasks.runners import (
     chunk_resources,
     chunks_in_flight,
     for_workers,
+    running,
     submit_bounded,
-    task_runner,
 )
 from tasks.scoring import score_chunk
 
@@ -53,7 +53,7 @@ def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
         calls = (
             {**refs, "chunk_id": chunk_id(c), "items": c} for c in itertools.chain([first], chunks)
         )
-        with task_runner(config) as runner:
+        with running(config) as runner:
             limit = chunks_in_flight(config)  # on Ray: from the cluster, once connected
             resources = chunk_resources(config, limit)
             for future in submit_bounded(runner, score, calls, limit, resources):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -13,16 +14,31 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from darkroom.stopping import Stopped
 from darkroom.storage import StorageSetupError
 
 
 def not_retried() -> tuple[type[Exception], ...]:
-    """What a retry cannot fix: bad data, a diverged run or a bad config (it can fix I/O and
-    preemption). Imported when first needed: a flow's start-up does not load torch for it."""
+    """What a retry cannot fix: bad data, a diverged run, a bad config, or a run that is
+    stopping (it can fix I/O and preemption). Imported when first needed: a flow's start-up
+    does not load torch for it."""
     from darkroom.fit import NonFiniteLoss
     from darkroom.index import DatasetError
 
-    return (DatasetError, NonFiniteLoss, StorageSetupError, ValueError, PermissionError)
+    return (DatasetError, NonFiniteLoss, Stopped, StorageSetupError, ValueError, PermissionError)
+
+
+class _ThreadTimeoutNote(logging.Filter):
+    """Drops Prefect's warning, logged at the start of every task with a timeout on a worker
+    thread, that such a timeout waits for a blocking call to return. darkroom's folds and
+    chunks are loops of short steps whose storage calls have timeouts of their own, so the
+    timeout stops them within a step (tests/flows/test_timeouts.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout of %s seconds configured for this task")
+
+
+logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNote())
 
 
 def __getattr__(name: str):

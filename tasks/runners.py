@@ -5,6 +5,7 @@ and submits through ``submit_bounded``, which keeps at most a set number of runs
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
 
+from darkroom import stopping
 from darkroom.cores import usable_cores
 from tasks.common import visible_gpus
 
@@ -43,6 +45,16 @@ def task_runner(config: RuntimeConfig) -> TaskRunner:
             "task_runner=threads)"
         ) from None
     return RayTaskRunner(address=config.ray_address)
+
+
+@contextlib.contextmanager
+def running(config: RuntimeConfig) -> Iterator[TaskRunner]:
+    """``task_runner(config)``, entered, with a stop scope inside it (darkroom.stopping): a
+    flow that leaves the block with an error (SIGTERM, a cancelled run, a task that failed for
+    good) stops the folds or chunks still running at their next batch, before the runner
+    waits for its threads."""
+    with task_runner(config) as runner, stopping.scope():
+        yield runner
 
 
 def for_workers(config: C) -> C:

@@ -15,7 +15,7 @@ import os
 import sys
 
 import darkroom
-from darkroom import layout, registry
+from darkroom import layout, registry, stopping
 from darkroom.config import RetrainConfig, RuntimeConfig, ScoreConfig
 from darkroom.flags import GATE_FIELDS, add_config_flags, config_from_args, explain
 from darkroom.storage import open_storage
@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from darkroom.storage import StorageError
 
+    stopping.exit_on_sigterm()
     try:
         return args.func(args)
     except ValidationError as e:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from darkroom import layout
+from darkroom import layout, stopping
 from darkroom.cache import resize_square
 from darkroom.config import TrainConfig
 from darkroom.data import (
@@ -218,6 +218,7 @@ class LoadedModel:
         prefetch = mode.prefetch if prefetch is None else prefetch
         batches = decoded_batches(ds, batch_size, num_workers, prefetch, mode.pin_memory)
         for images, idx, good in batches:
+            stopping.check()
             probs[idx] = self.forward(images, tta).cpu().numpy()
             ok[idx] = good
         status, errors = ["ok"] * len(paths), [""] * len(paths)

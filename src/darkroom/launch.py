@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from darkroom import stopping
+
 # The launcher process needs torch's launcher alone: darkroom's training modules (timm,
 # OpenCV, scikit-learn: seconds to import) load where they run, in the ranks.
 if TYPE_CHECKING:
@@ -155,9 +157,10 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 def _next(lines: queue.Queue, deadline: float, timeout: float) -> str | None:
-    # Waits a second at a time, so that the deadline (and an exception raised into this
-    # thread, Prefect's way to time out or cancel a task) is seen.
+    # Waits a second at a time, so that the deadline, a run that is stopping, and an
+    # exception raised into this thread (Prefect's way to time out a task) are seen.
     while time.monotonic() < deadline:
+        stopping.check()
         try:
             return lines.get(timeout=1.0)
         except queue.Empty:

@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 
+from darkroom import stopping
 from darkroom.config import TrainConfig
 from darkroom.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -192,6 +193,7 @@ def train_one_epoch(
     preds, targets = [], []
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(loader):
+        stopping.check()
         targets.append(labels)
         images, labels = to_device(images, labels, device, opts)
         logits, loss = _forward(model, images, labels, criterion, opts)
@@ -227,6 +229,7 @@ def predict_proba(
     model.eval()
     probs, labels = [], []
     for images, y in loader:
+        stopping.check()
         images, _ = to_device(images, y, device, opts)
         with torch.autocast(device.type, dtype=opts.amp, enabled=opts.amp is not None):
             logits = model(images)

@@ -343,8 +343,7 @@ def fetch_objects(
     return out
 
 
-def default_threads() -> int:
-    """Download threads when the caller names none: the config's default, its one home."""
+def default_threads() -> int:  # when the caller names none: the config's default, its one home
     return RuntimeConfig.model_fields["download_concurrency"].default
 
 
@@ -352,25 +351,28 @@ def _download_all(storage, objects, cache_dir: Path, report: SyncReport, threads
     """Downloads ``objects`` on ``threads`` threads; a loss is counted in ``report``."""
 
     def one(obj: ObjectInfo) -> CachedObject:
-        dest = cache_path(cache_dir, obj.key)
-        storage.download(obj.key, dest, obj)
+        storage.download(obj.key, dest := cache_path(cache_dir, obj.key), obj)
         return CachedObject(obj.key, obj.etag, obj.size, str(dest))
 
     out = {}
     with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = {pool.submit(one, o): o for o in objects}
-        for fut in as_completed(futures):
-            obj = futures[fut]
-            try:
-                out[obj.key] = fut.result()
-            except UnsafeKeyError as e:
-                report.refuse(obj.key, e)
-            except Exception as e:  # the caller decides what a loss means (check_complete)
-                report.add_failure(obj.key, e)
-                log.warning("could not fetch %s: %s", obj.key, e)
-            else:
-                report.downloaded_bytes += obj.size
-            tick()
+        try:
+            for fut in as_completed(futures):
+                obj = futures[fut]
+                try:
+                    out[obj.key] = fut.result()
+                except UnsafeKeyError as e:
+                    report.refuse(obj.key, e)
+                except Exception as e:  # the caller decides what a loss means (check_complete)
+                    report.add_failure(obj.key, e)
+                    log.warning("could not fetch %s: %s", obj.key, e)
+                else:
+                    report.downloaded_bytes += obj.size
+                tick()
+        except BaseException:  # SIGTERM, a timeout: the downloads under way end, no more start
+            pool.shutdown(cancel_futures=True)
+            raise
     return out
 
 

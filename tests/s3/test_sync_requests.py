@@ -9,7 +9,13 @@ import pytest
 from darkroom.config import RetrainConfig
 from darkroom.s3 import S3Storage
 from darkroom.storage import open_storage
-from darkroom.sync import SyncIncomplete, load_manifest, sync_labeled, sync_prefix
+from darkroom.sync import (
+    SyncIncomplete,
+    fetch_objects,
+    load_manifest,
+    sync_labeled,
+    sync_prefix,
+)
 from tests.conftest import TINY, png_bytes, write_digits
 
 pytestmark = pytest.mark.s3
@@ -89,3 +95,24 @@ def test_spoilt_bodies_leave_no_file_and_a_retried_sync_completes(
     assert _cached_files(cache) == labeled
     assert set(load_manifest(cache, "labeled/")) == set(labeled)
     assert proxy.calls().get("HEAD", 0) == 0
+
+
+def test_a_sync_stopped_midway_starts_no_more_downloads(s3_faulty, tmp_path):
+    """SIGTERM or a timeout lands in the thread waiting for the downloads (a KeyboardInterrupt
+    from the progress callback, here): the downloads under way finish, the queued ones never
+    start, and the exception goes on up."""
+    direct = S3Storage(s3_faulty["bucket"], s3_faulty["prefix"], client=s3_faulty["client"])
+    keys = sorted(write_digits(direct, classes=("0", "1", "2", "3"), per_class=50))
+    proxy, storage = s3_faulty["proxy"], open_storage(s3_faulty["uri"])
+    objects = [o for o in storage.list("labeled/") if o.key in set(keys)]
+    assert len(objects) == 200
+
+    def progress(done: int, total: int) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    before = proxy.calls().get("GET", 0)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_objects(storage, objects, tmp_path / "cache", concurrency=4, progress=progress)
+    gets = proxy.calls().get("GET", 0) - before
+    assert 5 <= gets <= 5 + 4 + 4, gets  # the 5 done, at most 4 under way, and 4 more queued
