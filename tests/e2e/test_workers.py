@@ -256,6 +256,35 @@ def test_workers_in_an_empty_folder_train_score_and_watch(deployed, tmp_path):
     lap("watch-incoming on the darkroom-process worker", t)
 
 
+def test_cancelling_a_nightly_run_stops_its_fold_at_once(deployed, tmp_path):
+    """Cancel, as the UI's button does it, mid-fold: the worker sends SIGTERM to the flow-run
+    process, whose fold stops at its next batch; the run ends Cancelled long before the fold's
+    2,000 epochs would, with the lease released and no fold marked finished."""
+    storage = LocalStorage(tmp_path / "bucket")
+    write_digits(storage, classes=("0", "1", "2"), per_class=30)
+    config = {
+        "storage": storage.uri,
+        "device": "cpu",
+        "num_workers": 0,
+        "cache_dir": str(tmp_path / "cache"),
+        "checkpoint_every_seconds": 0,
+        "train": {**TINY_TRAIN, "epochs": 2000},
+    }
+    run_id = deployed.run_deployment("nightly-retrain/nightly-retrain", {"config": config})
+    deadline = time.monotonic() + 180
+    while not any(o.key.endswith("folds/0/checkpoint.pt") for o in storage.list("models/")):
+        assert time.monotonic() < deadline, f"no checkpoint in time:\n{deployed.tail()}"
+        time.sleep(0.5)
+    t = time.monotonic()
+    deployed.post(f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}})
+    run = deployed.wait_run(run_id, timeout=120)
+    took = time.monotonic() - t
+    assert run["state_type"] == "CANCELLED", f"{run['state_name']}\n{deployed.tail()}"
+    assert not storage.exists("leases/retrain.json"), "the lease was left behind"
+    assert not [o.key for o in storage.list("models/") if o.key.endswith("fold.json")]
+    lap(f"cancelled mid-fold, Cancelled after {took:.1f} s", t)
+
+
 def test_automations_fire_on_a_failed_nightly_run_and_a_rejected_model(deployed, tmp_path):
     """automations.yaml as written (do-nothing: a prefect.automation.triggered event), and with
     its documented send-notification action pointed at a webhook block."""
