@@ -122,5 +122,24 @@ def train_folds(config: RetrainConfig, snapshot: str, version: str) -> list[Fold
     return folds
 
 
+def brief(r: dict) -> dict:
+    """What `darkroom retrain` prints of a run's result."""
+    shown = ("listed", "new", "changed", "removed", "unchanged", "refused")
+    out = {
+        "version": r["version"],
+        "skipped": r["skipped"],
+        "sync": {k: r["sync"][k] for k in shown},
+        "index": r["index"]["summary"],
+    }
+    if not r["skipped"]:
+        out.update(
+            promoted=r["promoted"],
+            rule=r["decision"]["rule"],
+            cv_accuracy=r["cv"]["accuracy"],
+            holdout=r["holdout"],
+        )
+    return out
+
+
 if __name__ == "__main__":
     print(nightly_retrain())

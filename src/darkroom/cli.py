@@ -15,7 +15,7 @@ import os
 import sys
 
 import darkroom
-from darkroom import layout, registry, stopping
+from darkroom import layout, registry, stopping, tempserver
 from darkroom.config import RetrainConfig, RuntimeConfig, ScoreConfig
 from darkroom.flags import GATE_FIELDS, add_config_flags, config_from_args, explain
 from darkroom.storage import open_storage
@@ -26,7 +26,9 @@ def _flows(name: str):
     import importlib
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    return importlib.import_module(f"flows.{name}")
+    module = importlib.import_module(f"flows.{name}")
+    tempserver.confirm()  # the temporary server started with the command, if Prefect wants one
+    return module
 
 
 # ---- commands --------------------------------------------------------------------------------
@@ -34,14 +36,24 @@ def _flows(name: str):
 COMMANDS: dict[str, dict] = {}
 
 
-def command(name: str, help: str, configs=(RuntimeConfig,), only=None, config_file=False, args=()):
+def command(
+    name: str,
+    help: str,
+    configs=(RuntimeConfig,),
+    only=None,
+    config_file=False,
+    args=(),
+    flows=False,
+):
     """Registers ``darkroom <name>``: flags from ``configs`` (the fields in ``only``, when
-    given), ``--config FILE`` with ``config_file``, plus ``args`` ((flags, keywords) pairs)."""
+    given), ``--config FILE`` with ``config_file``, plus ``args`` ((flags, keywords) pairs);
+    ``flows``: it runs Prefect flows (darkroom.tempserver starts a server as it starts)."""
 
     def register(func):
         COMMANDS[name] = dict(
             help=help, func=func, configs=configs, only=only, config_file=config_file, args=args
         )
+        COMMANDS[name]["flows"] = flows
         return func
 
     return register
@@ -90,14 +102,18 @@ def _check_pretrained(config: RetrainConfig) -> None:
 
 
 @command(
-    "retrain", "sync, index, K-fold train, promote if better", (RetrainConfig,), config_file=True
+    "retrain",
+    "sync, index, K-fold train, promote if better",
+    (RetrainConfig,),
+    config_file=True,
+    flows=True,
 )
 def cmd_retrain(a) -> int:
     config = config_from_args(RetrainConfig, a)
     _readable(config.storage, "retrain", labeled=True)
     _check_pretrained(config)
-    result = _flows("retrain").nightly_retrain(config)
-    print(json.dumps(brief_retrain(result), indent=2))
+    flows = _flows("retrain")
+    print(json.dumps(flows.brief(flows.nightly_retrain(config)), indent=2))
     return 0
 
 
@@ -106,6 +122,7 @@ def cmd_retrain(a) -> int:
     "score incoming images with the champion",
     (ScoreConfig,),
     config_file=True,
+    flows=True,
     args=[
         _arg(
             "--rescore",
@@ -146,24 +163,6 @@ def cmd_compact(a) -> int:
         )
     print(f"{version}: {r.files_before} prediction files, now {r.files_after}")
     return 0
-
-
-def brief_retrain(r: dict) -> dict:
-    shown = ("listed", "new", "changed", "removed", "unchanged", "refused")
-    out = {
-        "version": r["version"],
-        "skipped": r["skipped"],
-        "sync": {k: r["sync"][k] for k in shown},
-        "index": r["index"]["summary"],
-    }
-    if not r["skipped"]:
-        out.update(
-            promoted=r["promoted"],
-            rule=r["decision"]["rule"],
-            cv_accuracy=r["cv"]["accuracy"],
-            holdout=r["holdout"],
-        )
-    return out
 
 
 @command("status", "the champion, its metrics and the last promotion")
@@ -324,6 +323,7 @@ def cmd_find_lr(a) -> int:
     "demo",
     "demo data, retrain, score and a report (make demo)",
     args=[_arg("--epochs", type=int, help="override the demo's epochs")],
+    flows=True,
 )
 def cmd_demo(a) -> int:
     """Demo data if absent, retrain, score, then a report of what was produced."""
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and COMMANDS[args.command]["flows"]:  # a process of its own
+        tempserver.start_early()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
