@@ -39,6 +39,28 @@ TINY_RETRAIN = {
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+def session_processes(sid: int) -> list[str]:
+    """The command lines of the processes in session ``sid`` (a process started with
+    ``start_new_session=True`` leads the session of its own pid, its children join it)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.getsid(int(proc.name)) == sid:
+                    left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                continue
+    return left
+
+
+def left_in_session(sid: int, timeout: float = 15) -> list[str]:
+    """``session_processes(sid)`` once it is empty, or what is still there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,32 +6,17 @@ running). A fold stopped so is not marked finished: the next run resumes it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import write_digits
+from tests.e2e.service import left_in_session, session_processes
 from tests.e2e.test_resume import REPO, _env, _retrain
 
 pytestmark = pytest.mark.slow
-
-
-def _session(sid: int) -> list[str]:
-    """The command lines of the processes still in session ``sid``."""
-    left = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if os.getsid(int(proc.name)) == sid:
-                left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except (ProcessLookupError, PermissionError, FileNotFoundError):
-            continue
-    return left
 
 
 def test_sigterm_stops_a_retrain_within_a_batch_and_leaves_nothing_running(local_storage, tmp_path):
@@ -51,7 +36,7 @@ def test_sigterm_stops_a_retrain_within_a_batch_and_leaves_nothing_running(local
         assert time.monotonic() < deadline, "fold 0 saved no checkpoint in time"
         time.sleep(0.1)
     assert local_storage.exists("leases/retrain.json")
-    assert any("uvicorn" in c for c in _session(proc.pid)), "no temporary server to check"
+    assert any("uvicorn" in c for c in session_processes(proc.pid)), "no temporary server to check"
 
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)  # the CLI alone, not its process group
@@ -62,9 +47,7 @@ def test_sigterm_stops_a_retrain_within_a_batch_and_leaves_nothing_running(local
     assert "darkroom: stopped by SIGTERM" in err
     assert "Stopped: the run is stopping" in err  # the fold's own way out
     assert "Crashed" in err
-    deadline = time.monotonic() + 15
-    while (left := _session(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = left_in_session(proc.pid)
     assert not left, f"still running after the CLI exited: {left}"
     assert not local_storage.exists("leases/retrain.json")
     folds = [o.key for o in local_storage.list("models/") if "/folds/" in o.key]

@@ -18,7 +18,7 @@ import pytest
 
 from darkroom import tempserver
 from flows.serve import start_server, stop_process_group
-from tests.e2e.service import free_port
+from tests.e2e.service import free_port, left_in_session, session_processes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -36,25 +36,6 @@ def _score(root: Path, env: dict, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
     )
-
-
-def _session(sid: int) -> list[str]:
-    left = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if os.getsid(int(proc.name)) == sid:
-                    left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except (ProcessLookupError, PermissionError, FileNotFoundError):
-                continue
-    return left
-
-
-def _gone(sid: int, timeout: float = 15) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while (left := _session(sid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 def test_the_command_line_is_prefects_own(monkeypatch):
@@ -84,7 +65,7 @@ def test_a_command_runs_on_its_temporary_server_which_goes_with_it(tmp_path):
     assert "temporary server answers on http://127.0.0.1:" in err
     assert "stopped Prefect's temporary server" in err
     assert "Starting temporary server" not in err  # Prefect did not start a second one
-    assert not _gone(proc.pid)
+    assert not left_in_session(proc.pid)
     with sqlite3.connect(home / "prefect.db") as db:
         names = [n for (n,) in db.execute("select name from flow_run")]
     assert len(names) == 1 and names[0].startswith("score-")
@@ -95,12 +76,12 @@ def test_a_sigkilled_command_takes_its_temporary_server_with_it(tmp_path):
     root.mkdir()
     proc = _score(root, _env(tmp_path / "prefect"), start_new_session=True)
     deadline = time.monotonic() + 60
-    while not any("uvicorn" in c for c in _session(proc.pid)):
+    while not any("uvicorn" in c for c in session_processes(proc.pid)):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # the command alone: no handler, no atexit
     proc.communicate(timeout=30)
-    assert not _gone(proc.pid), "the temporary server outlived its command"
+    assert not left_in_session(proc.pid), "the temporary server outlived its command"
 
 
 def test_a_profile_that_names_a_server_gets_the_runs_there(tmp_path, monkeypatch):
