@@ -31,9 +31,7 @@ def _flows(name: str):
     return module
 
 
-# ---- commands --------------------------------------------------------------------------------
-
-COMMANDS: dict[str, dict] = {}
+COMMANDS: dict[str, dict] = {}  # ---- commands ----------------------------------------------
 
 
 def command(
@@ -51,9 +49,14 @@ def command(
 
     def register(func):
         COMMANDS[name] = dict(
-            help=help, func=func, configs=configs, only=only, config_file=config_file, args=args
+            help=help,
+            func=func,
+            configs=configs,
+            only=only,
+            config_file=config_file,
+            args=args,
+            flows=flows,
         )
-        COMMANDS[name]["flows"] = flows
         return func
 
     return register
