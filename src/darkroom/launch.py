@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def fit_in_processes(
     """
     n = config.devices_per_fold
     kind, env = _devices(device, n)
-    with tempfile.TemporaryDirectory(prefix="darkroom-fold-") as tmp:
+    sweep_stale_runs(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"darkroom-fold-{os.getpid()}-") as tmp:
         run = Path(tmp)
         plan = {
             "data": asdict(data),
@@ -100,6 +102,25 @@ def fit_in_processes(
         if proc.returncode or not (run / "result.pt").exists():
             raise _failure(run, n, proc.returncode, tail)
         return _result(run)
+
+
+def sweep_stale_runs(root: Path) -> None:
+    """Removes the plan folders (``darkroom-fold-<pid>-*``) of fold processes that are gone: a
+    SIGKILLed fold cannot remove its own, and each holds the fold's weights."""
+    for folder in root.glob("darkroom-fold-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def _devices(device: str, n: int) -> tuple[str, dict]:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def indexed(local_storage, tmp_path, monkeypatch):
     """72 digits in 3 classes, indexed into 2 folds; a fold on 2 CPU processes, a checkpoint
     after every epoch. The fold's processes keep their run folder under tmp_path/tmp, so that
     their command lines name it. Returns (storage, config, snapshot)."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # for the fold's processes
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # for this one's
     (tmp_path / "tmp").mkdir()
     write_digits(local_storage, classes=("0", "1", "2"), per_class=24)
     config = RetrainConfig(
@@ -116,8 +118,12 @@ def test_a_fold_on_two_processes_resumes_after_a_kill(indexed, tmp_path):
     saved = torch.load(io.BytesIO(storage.read_bytes(FOLD + "checkpoint.pt")), weights_only=True)
     assert not saved["final"] and "optimizer" in saved  # mid-fold: the whole resume state
     assert saved["epoch"] < config.train.epochs - 1
+    (left,) = (tmp_path / "tmp").glob("darkroom-fold-*")  # the killed fold's plan and weights
+    assert left.name.startswith(f"darkroom-fold-{proc.pid}-")
 
     summary = train.train_fold(storage, config, snapshot, "v1", 0)
+
+    assert not list((tmp_path / "tmp").glob("darkroom-fold-*"))  # swept by the next fold
 
     assert summary.resumed_from_epoch == saved["epoch"] + 1 >= 1
     record = storage.read_json(FOLD + "fold.json")
