@@ -105,6 +105,19 @@ def build_deployments(spec: dict, **overrides) -> list:
     ]
 
 
+def settings_without(variable: str):
+    """Prefect's settings as they would be without the environment variable ``variable``: what
+    the profile, ``prefect.toml`` and ``.env`` say (darkroom.tempserver asks)."""
+    from prefect.settings import Settings
+
+    saved = os.environ.pop(variable, None)
+    try:
+        return Settings()
+    finally:
+        if saved is not None:
+            os.environ[variable] = saved
+
+
 def _healthy(api_url: str) -> bool:
     try:
         return httpx.get(f"{api_url}/health", timeout=2).status_code == 200

@@ -27,7 +27,7 @@ def _flows(name: str):
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     module = importlib.import_module(f"flows.{name}")
-    tempserver.confirm()  # the temporary server started with the command, if Prefect wants one
+    tempserver.confirm(importlib.import_module("flows.serve").settings_without)  # if wanted
     return module
 
 

@@ -28,6 +28,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +82,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def confirm() -> None:
-    """Once Prefect is imported, before the first flow: when Prefect's settings without the
-    early server name a server of their own or forbid temporary ones, stops the early server
-    and runs the command again without it; else waits for the server to answer.
+def confirm(settings_without: Callable[[str], Any]) -> None:
+    """Before the first flow: when Prefect's settings without the early server
+    (``settings_without("PREFECT_API_URL")``, flows.serve's, as the core does not import
+    Prefect) name a server of their own or forbid temporary ones, stops the early server and
+    runs the command again without it; else waits for the server to answer.
 
     Raises:
         RuntimeError: the server did not answer within Prefect's start-up timeout.
     """
     if _server is None:
         return
-    from prefect.settings import Settings
-
-    os.environ.pop("PREFECT_API_URL")
-    try:
-        wanted = Settings()
-    finally:
-        os.environ["PREFECT_API_URL"] = _url
+    wanted = settings_without("PREFECT_API_URL")
     if wanted.api.url or not wanted.server.ephemeral.enabled:
         why = f"name the server {wanted.api.url}" if wanted.api.url else "forbid temporary ones"
         log.info("Prefect's settings %s: starting over without a temporary server", why)

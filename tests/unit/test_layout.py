@@ -1,8 +1,10 @@
-"""The code's shape: every storage key is spelled in darkroom.layout alone, and the house
-limits on function and module length hold (tools/house_limits.py)."""
+"""The code's shape: every storage key is spelled in darkroom.layout alone, the core never
+imports Prefect, and the house limits on function and module length hold
+(tools/house_limits.py)."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -24,6 +26,25 @@ def test_no_storage_key_is_spelled_outside_the_layout_module():
                 if KEY_LITERAL.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert found == [], "storage keys belong in darkroom/layout.py:\n" + "\n".join(found)
+
+
+def test_the_core_never_imports_prefect():
+    found = []
+    for path in (ROOT / "src/darkroom").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                for n in names
+                if n.split(".")[0] in ("prefect", "prefect_ray")
+            ]
+    assert found == [], "src/darkroom imports no Prefect (tasks/ and flows/ do):\n" + "\n".join(
+        found
+    )
 
 
 def test_the_house_limits_hold():
