@@ -86,7 +86,9 @@ def confirm(settings_without: Callable[[str], Any]) -> None:
     """Before the first flow: when Prefect's settings without the early server
     (``settings_without("PREFECT_API_URL")``, flows.serve's, as the core does not import
     Prefect) name a server of their own or forbid temporary ones, stops the early server and
-    runs the command again without it; else waits for the server to answer.
+    runs the command again without it; else waits for the server to answer. A server that
+    exited first (its port taken meanwhile, say) also makes the command start over, leaving
+    the temporary server to Prefect.
 
     Raises:
         RuntimeError: the server did not answer within Prefect's start-up timeout.
@@ -94,15 +96,22 @@ def confirm(settings_without: Callable[[str], Any]) -> None:
     if _server is None:
         return
     wanted = settings_without("PREFECT_API_URL")
-    if wanted.api.url or not wanted.server.ephemeral.enabled:
-        why = f"name the server {wanted.api.url}" if wanted.api.url else "forbid temporary ones"
-        log.info("Prefect's settings %s: starting over without a temporary server", why)
-        stop(quiet=True)
-        os.environ.pop("PREFECT_API_URL")
-        os.environ[SWITCH] = "0"
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "darkroom.cli", *sys.argv[1:]])
+    if wanted.api.url:
+        _start_over(f"Prefect's settings name the server {wanted.api.url}")
+    if not wanted.server.ephemeral.enabled:
+        _start_over("Prefect's settings forbid temporary servers")
     _wait(wanted.server.ephemeral.startup_timeout_seconds)
+
+
+def _start_over(why: str) -> None:
+    """Runs the command again in this process, with the temporary server left to Prefect."""
+    log.info("%s: starting over without darkroom's temporary server", why)
+    stop(quiet=True)
+    os.environ.pop("PREFECT_API_URL")
+    os.environ[SWITCH] = "0"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "darkroom.cli", *sys.argv[1:]])
 
 
 def _wait(timeout: float) -> None:
@@ -111,11 +120,7 @@ def _wait(timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _server.poll() is not None:
-            raise RuntimeError(
-                f"Prefect's temporary server exited with code {_server.returncode} before it "
-                f"answered on {_url} (its error is above); set PREFECT_API_URL to a running "
-                f"server, or {SWITCH}=0 to let Prefect start its own"
-            )
+            _start_over(f"the temporary server exited with code {_server.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{_url}/health", timeout=2).status_code == 200:
                 log.info("Prefect's temporary server answers on %s", _url.removesuffix("/api"))

@@ -105,3 +105,20 @@ def test_a_profile_that_names_a_server_gets_the_runs_there(tmp_path, monkeypatch
         assert [r["name"][:6] for r in runs] == ["score-"]
     finally:
         stop_process_group(server)
+
+
+def test_a_profile_that_forbids_temporary_servers_gets_prefects_own_answer(tmp_path):
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "strict"\n\n[profiles.strict]\nPREFECT_SERVER_ALLOW_EPHEMERAL_MODE = "false"\n'
+    )
+    root = tmp_path / "bucket"
+    root.mkdir()
+    proc = _score(root, _env(home), start_new_session=True)
+    _, err = proc.communicate(timeout=120)
+    assert "Prefect's settings forbid temporary servers: starting over" in err, err[-3000:]
+    assert proc.returncode == 1
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("darkroom: error:")]
+    assert "PREFECT_API_URL" in line  # Prefect's own refusal, as without darkroom's server
+    assert not left_in_session(proc.pid)
