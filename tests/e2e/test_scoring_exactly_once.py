@@ -16,6 +16,7 @@ import pytest
 from darkroom import registry
 from darkroom.scoring import read_predictions
 from tests.conftest import TINY, train_candidate, write_digits
+from tests.e2e.service import left_in_session
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,12 +85,20 @@ def _finish(proc, timeout=300):
     return out.decode()
 
 
-def test_a_killed_scoring_run_rerun_scores_each_image_exactly_once(scored_root, tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_scoring_run_rerun_scores_each_image_exactly_once(scored_root, tmp_path, how):
     storage, cache, champion, _ = scored_root
     proc = _score(storage, cache, tmp_path)
     _wait_for_files(storage, champion, 5, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its temporary server
+        proc.wait()
+    else:  # the CLI alone, as a container stop or a worker's cancel sends it
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, out.decode()[-3000:]
+        assert not left_in_session(proc.pid)  # its temporary server went with it
+        assert not storage.exists("leases/score.json")  # released on the way out
     partial = len(list(storage.list(f"predictions/{champion}/")))
     assert 5 <= partial < INCOMING, "the run must have died half-way for this test to mean much"
     # nothing half-written: every file present is a complete Parquet file
