@@ -16,8 +16,6 @@ rank's failure fails the fold with that rank's error (retried, unless it cannot 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -318,10 +316,7 @@ def _die_with_parent(variable: str) -> None:
     """Has Linux send this process SIGTERM when the process that started it dies, so that a
     killed fold leaves no launcher or rank behind (elsewhere: nothing). ``variable`` holds that
     process's pid, which tells a parent that died before this call."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError, TypeError):
+    if not stopping.die_with_parent():
         return
     expected = os.environ.get(variable)
     if expected and os.getppid() != int(expected):

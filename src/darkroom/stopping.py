@@ -14,6 +14,8 @@ Standard library only: the core calls it without loading Prefect.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import signal
 import sys
 import threading
@@ -69,3 +71,14 @@ def exit_on_sigterm() -> None:
 def _terminated(signum: int, frame) -> None:
     print("darkroom: stopped by SIGTERM", file=sys.stderr)
     raise SystemExit(128 + signum)
+
+
+def die_with_parent() -> bool:
+    """Has Linux send this process SIGTERM when the thread that started it ends (the
+    processes darkroom starts leave nothing behind when it is killed); False elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from darkroom import stopping
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +70,10 @@ def start_early() -> None:
         command(port),
         env={**os.environ, **SERVER_ENV},
         stdout=sys.stderr,  # the command's stdout is its result
-        preexec_fn=_die_with_parent,
+        preexec_fn=stopping.die_with_parent,
     )
     atexit.register(stop)
     _url = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def confirm(settings_without: Callable[[str], Any]) -> None:
