@@ -1,6 +1,6 @@
 """Where the demo's retrain spends its wall time outside the epochs (issue 11, p5).
 
-Runs the ``nightly_retrain`` flow in-process on the demo's digits (``darkroom.demo`` data, the
+Runs the ``nightly_retrain`` flow in-process on the demo's digits (``darkroom.cli.demo`` data, the
 ``DEMO_TRAIN`` recipe) in a temporary local storage root, with timers wrapped around the
 flow's tasks and the fold's steps. Inside the epochs is the sum of the folds' history
 ``seconds`` (each epoch's train + validation passes); everything else is outside.
@@ -40,20 +40,25 @@ TASKS = [
 # Pieces of a fold: "fit: " inside ``fit`` (around its epochs), "fold: " in train_fold around
 # ``fit``, "finalize: " inside the finalize task.
 STEPS = [
-    ("fold: fit", "darkroom.train", None, "fit"),
-    ("fit: Trainer.build (model, loaders)", "darkroom.fit", "Trainer", "build"),
-    ("fit: checkpoint saves", "darkroom.checkpoint", "SaveSchedule", "save"),
-    ("fit: checkpoint saves", "darkroom.fit", "Trainer", "save"),  # before SaveSchedule
-    ("fit: checkpoint load", "darkroom.train", "StorageCheckpointer", "load"),
+    ("fold: fit", "darkroom.training.fold", None, "fit"),
+    ("fit: Trainer.build (model, loaders)", "darkroom.training.fit", "Trainer", "build"),
+    ("fit: checkpoint saves", "darkroom.training.checkpoint", "SaveSchedule", "save"),
+    ("fit: checkpoint saves", "darkroom.training.fit", "Trainer", "save"),  # before SaveSchedule
+    ("fit: checkpoint load", "darkroom.training.fold", "StorageCheckpointer", "load"),
     ("fit: on_epoch (progress artifact, log)", "tasks.train", "EpochProgress", "__call__"),
-    ("fit: Trainer.result (best weights)", "darkroom.fit", "Trainer", "result"),
-    ("fit: Trainer.close (stop workers)", "darkroom.fit", "Trainer", "close"),
-    ("fold: local paths (_fold_data)", "darkroom.train", None, "_fold_data"),
-    ("fold: release_memory (gc)", "darkroom.train", None, "release_memory"),
-    ("fold: weights to safetensors", "darkroom.train", None, "to_bytes"),
-    ("fold: metrics, oof, fold.json (_finish_fold)", "darkroom.train", None, "_finish_fold"),
-    ("finalize: plots and oof reports", "darkroom.train", None, "_write_reports"),
-    ("finalize: timm configs", "darkroom.train", None, "_write_timm_configs"),
+    ("fit: Trainer.result (best weights)", "darkroom.training.fit", "Trainer", "result"),
+    ("fit: Trainer.close (stop workers)", "darkroom.training.fit", "Trainer", "close"),
+    ("fold: local paths (_fold_data)", "darkroom.training.fold", None, "_fold_data"),
+    ("fold: release_memory (gc)", "darkroom.training.fold", None, "release_memory"),
+    ("fold: weights to safetensors", "darkroom.training.fold", None, "to_bytes"),
+    (
+        "fold: metrics, oof, fold.json (_finish_fold)",
+        "darkroom.training.fold",
+        None,
+        "_finish_fold",
+    ),
+    ("finalize: plots and oof reports", "darkroom.training.fold", None, "_write_reports"),
+    ("finalize: timm configs", "darkroom.training.fold", None, "_write_timm_configs"),
 ]
 
 
@@ -119,10 +124,10 @@ def run(quick: bool = False, checkpoint_every_seconds: float | None = None) -> d
         quick: 120 digits, 2 folds, 2 epochs instead of every digit, 5 folds, 8 epochs.
         checkpoint_every_seconds: overrides the config's default (0: a save every epoch).
     """
-    import darkroom.train as core_train
+    import darkroom.training.fold as core_train
     from darkroom import layout
+    from darkroom.cli.demo import DEMO_TRAIN, write_demo_data
     from darkroom.config import RetrainConfig
-    from darkroom.demo import DEMO_TRAIN, write_demo_data
     from darkroom.storage import open_storage
     from flows.retrain import nightly_retrain
 

@@ -41,7 +41,7 @@ BUCKET = "darkroom-plan"
 # the parent's peak across exec), as JSON on the last line.
 CHILD = """
 import json, sys, time
-from darkroom.scoring import StreamedPlan
+from darkroom.scoring.chunks import StreamedPlan
 from darkroom.storage import open_storage
 def hwm():
     status = open("/proc/self/status").read().split("VmHWM:")[1]
@@ -110,8 +110,8 @@ def write_history(storage, listed, rows: int, threads: int = 1) -> float:
     """Writes the history through darkroom's writers; returns the seconds it took."""
     import numpy as np
 
-    from darkroom import scoring
     from darkroom.config import ScoreConfig
+    from darkroom.scoring import chunks as scoring
 
     def write(item) -> None:
         version, pairs = item
@@ -128,7 +128,7 @@ def write_history(storage, listed, rows: int, threads: int = 1) -> float:
 
 def listed(storage) -> tuple[list[tuple[str, str]], float]:
     """The incoming (key, etag) pairs and the seconds a bare listing took."""
-    from darkroom.sync import is_image_key
+    from darkroom.data.sync import is_image_key
 
     t0 = time.perf_counter()
     pairs = [(o.key, o.etag) for o in storage.list("incoming/") if is_image_key(o.key)]
@@ -137,7 +137,7 @@ def listed(storage) -> tuple[list[tuple[str, str]], float]:
 
 def compare(empty_uri: str, history_uri: str, storage, keys: int, rows: int) -> dict:
     """Writes the history under ``history_uri``, then times plans of both roots in turn."""
-    from darkroom import ledger
+    from darkroom.scoring import ledger
 
     pairs, listing_s = listed(storage)
     assert len(pairs) == keys, f"listed {len(pairs)} of {keys} incoming keys"

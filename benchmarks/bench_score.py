@@ -45,7 +45,7 @@ def _write_images(storage, n_incoming: int) -> None:
     """Labeled digits (4 classes) and ``n_incoming`` real digit PNGs under incoming/."""
     from sklearn.datasets import load_digits
 
-    from darkroom.demo import digit_png
+    from darkroom.cli.demo import digit_png
 
     digits = load_digits()
     for i in range(200):
@@ -65,13 +65,13 @@ def make_champion(folder: Path, n_incoming: int, device: str) -> tuple[object, s
 
     Returns the storage, the champion version and the ScoreConfig to score it with.
     """
-    from darkroom import registry
+    from darkroom.cli.demo import DEMO_TRAIN
     from darkroom.config import RetrainConfig, ScoreConfig
-    from darkroom.demo import DEMO_TRAIN
-    from darkroom.index import rebuild_index
+    from darkroom.data.index import rebuild_index
+    from darkroom.data.sync import sync_labeled
+    from darkroom.registry import pointer
     from darkroom.storage import open_storage
-    from darkroom.sync import sync_labeled
-    from darkroom.train import finalize_candidate, train_fold
+    from darkroom.training.fold import finalize_candidate, train_fold
 
     storage = open_storage(f"file://{folder / 'bucket'}")
     _write_images(storage, n_incoming)
@@ -80,10 +80,10 @@ def make_champion(folder: Path, n_incoming: int, device: str) -> tuple[object, s
     config = RetrainConfig(storage=storage.uri, cache_dir=cache, device=device, train=train)
     sync_labeled(storage, config)
     snap = rebuild_index(storage, config, "bench").snapshot
-    version = registry.new_version(snap, train.fingerprint())
+    version = pointer.new_version(snap, train.fingerprint())
     folds = [train_fold(storage, config, snap, version, k) for k in range(train.folds)]
     finalize_candidate(storage, train, snap, version, folds)
-    registry.promote(
+    pointer.promote(
         storage, version, expected_etag=None, action="promote", reason="benchmark champion"
     )
     return storage, version, ScoreConfig(storage=storage.uri, cache_dir=cache, device=device)
@@ -106,7 +106,7 @@ def side_by_side(loaded, storage, config, version: str) -> tuple[float, float, i
     import torch
 
     from darkroom import layout
-    from darkroom.scoring import pending_chunks, score_chunk
+    from darkroom.scoring.chunks import pending_chunks, score_chunk
 
     size, bs = loaded.meta["image_size"], config.batch_size
     batches = [
@@ -166,7 +166,7 @@ def startup(storage_uri: str, device: str, rounds: int = 3) -> dict:
     """The ``darkroom score`` CLI's fixed cost, run for real with nothing left to score: on
     Prefect's temporary server (no PREFECT_API_URL) and against a server already running (a
     ``darkroom serve`` or a deployment's worker), taken in turn; medians."""
-    from flows.serve import _healthy, start_server, stop_process_group
+    from darkroom.cli.serve import _healthy, start_server, stop_process_group
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,7 +194,7 @@ def startup(storage_uri: str, device: str, rounds: int = 3) -> dict:
         stop_process_group(server)
         shutil.rmtree(home, ignore_errors=True)
     t0 = time.perf_counter()
-    imports = "import darkroom.cli, flows.score, darkroom.model"
+    imports = "import darkroom.cli, flows.score, darkroom.model.backbone"
     subprocess.run([sys.executable, "-c", imports], check=True)
     return {
         "startup_seconds": round(statistics.median(temporary), 2),
@@ -213,7 +213,7 @@ def run(quick: bool = False, images: int | None = None, device: str = "auto") ->
     """Measures everything above in one process; returns a JSON-able dict."""
     import torch
 
-    from darkroom.inference import load_version
+    from darkroom.model.inference import load_version
 
     n = images or (500 if quick else 5000)
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-score-") as tmp:

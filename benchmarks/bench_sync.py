@@ -158,8 +158,8 @@ def measure(endpoint: str, work: Path, n: int) -> dict:
     sides of a ratio alike."""
     import boto3
 
+    from darkroom.data.sync import default_threads, sync_prefix
     from darkroom.storage import open_storage
-    from darkroom.sync import default_threads, sync_prefix
 
     storage = open_storage(f"s3://{BUCKET}")
     assert storage.for_threads(default_threads()) is storage  # the client counted is the one

@@ -35,12 +35,13 @@ import cv2
 import numpy as np
 import torch
 
-from darkroom.cache import DecodedCache
 from darkroom.config import TrainConfig
-from darkroom.data import ImageDataset, build_transform
-from darkroom.feed import DecodedImages, close_loaders, resolve_workers
-from darkroom.fit import FoldData, Trainer
-from darkroom.steps import train_one_epoch
+from darkroom.data.cache import DecodedCache
+from darkroom.data.images import ImageDataset, build_transform
+from darkroom.training.feed import DecodedImages, close_loaders, resolve_workers
+from darkroom.training.fit import Trainer
+from darkroom.training.records import FoldData
+from darkroom.training.steps import train_one_epoch
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLASSES = 10
@@ -173,7 +174,8 @@ RSS_CODE = """
 import json, resource, sys
 import torch
 from darkroom.config import TrainConfig
-from darkroom.fit import FoldData, fit
+from darkroom.training.fit import fit
+from darkroom.training.records import FoldData
 entries = json.loads(sys.stdin.read())
 cfg = TrainConfig.model_validate_json(sys.argv[1])
 labels = [i % 10 for i in range(len(entries))]

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU on this machine: the training benchmark needs one; nothing measured")
         return 0
     from darkroom.config import TrainConfig
-    from darkroom.fit import FoldData, fit
-    from darkroom.recipe import amp_dtype
+    from darkroom.training.fit import fit
+    from darkroom.training.recipe import amp_dtype
+    from darkroom.training.records import FoldData
 
     device = torch.device("cuda")
     cfg = TrainConfig(

@@ -10,12 +10,13 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from darkroom import lease, registry
 from darkroom.config import RETRAIN_TIMEOUT_SECONDS, RetrainConfig
-from darkroom.index import DatasetError, IndexResult
-from darkroom.promotion import METRICS_SHOWN
-from darkroom.storage import open_storage
-from darkroom.train import FoldSummary
+from darkroom.data.index import IndexResult
+from darkroom.data.labels import DatasetError
+from darkroom.registry import pointer
+from darkroom.registry.promotion import METRICS_SHOWN
+from darkroom.storage import lease, open_storage
+from darkroom.training.records import FoldSummary
 from tasks.common import ensure_gpu_limit, flow_options, visible_gpus
 from tasks.index import data_changes, rebuild_index
 from tasks.promotion import evaluate_candidate, promote_candidate
@@ -71,7 +72,7 @@ def _run_label() -> str:
 
 
 def _version_of(config: RetrainConfig, index: IndexResult) -> str:
-    return registry.new_version(index.snapshot, config.train.fingerprint())
+    return pointer.new_version(index.snapshot, config.train.fingerprint())
 
 
 def candidate_version(config: RetrainConfig, index: IndexResult) -> str | None:
@@ -83,7 +84,7 @@ def candidate_version(config: RetrainConfig, index: IndexResult) -> str | None:
     if index.summary.holdout == 0:  # fail before training, not after
         raise DatasetError("the holdout is empty: add labeled images or raise holdout_fraction")
     version = _version_of(config, index)
-    champion, _ = registry.read_champion(open_storage(config.storage))
+    champion, _ = pointer.read_champion(open_storage(config.storage))
     if not config.force:
         if champion and champion["version"] == version:
             get_run_logger().info(

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
 
-from darkroom import compaction, layout, lease, registry
+from darkroom import layout
 from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
-from darkroom.scoring import ChunkResult, StreamedPlan, chunk_id
-from darkroom.storage import Storage, open_storage
+from darkroom.registry import pointer
+from darkroom.scoring import compaction
+from darkroom.scoring.chunks import ChunkResult, StreamedPlan, chunk_id
+from darkroom.storage import Storage, lease, open_storage
 from tasks.common import flow_options
 from tasks.reporting import publish_scoring
 from tasks.runners import (
@@ -38,7 +40,7 @@ def score_new_images(config: ScoreConfig = ScoreConfig(), rescore: bool = False)
 
 
 def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
-    champion, _ = registry.read_champion(storage)
+    champion, _ = pointer.read_champion(storage)
     if champion is None:
         raise NoChampion(f"no champion at {storage.url(layout.CHAMPION)}: run a retrain first")
     version = champion["version"]  # read once: a promotion mid-run does not mix versions

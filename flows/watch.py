@@ -10,8 +10,8 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from darkroom.config import WATCH_TIMEOUT_SECONDS
+from darkroom.scoring.watch import WatchConfig, check_incoming
 from darkroom.storage import open_storage
-from darkroom.watch import WatchConfig, check_incoming
 from tasks.common import flow_options
 
 

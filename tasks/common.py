@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from darkroom.stopping import Stopped
+from darkroom.ops.stopping import Stopped
 from darkroom.storage import StorageSetupError
 
 
@@ -22,8 +22,8 @@ def not_retried() -> tuple[type[Exception], ...]:
     """What a retry cannot fix: bad data, a diverged run, a bad config, or a run that is
     stopping (it can fix I/O and preemption). Imported when first needed: a flow's start-up
     does not load torch for it."""
-    from darkroom.fit import NonFiniteLoss
-    from darkroom.index import DatasetError
+    from darkroom.data.labels import DatasetError
+    from darkroom.training.fit import NonFiniteLoss
 
     return (DatasetError, NonFiniteLoss, Stopped, StorageSetupError, ValueError, PermissionError)
 

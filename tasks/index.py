@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
-from darkroom import index, index_diff
 from darkroom.config import RetrainConfig
+from darkroom.data import index
+from darkroom.registry import changes as index_diff
 from darkroom.storage import open_storage
 from tasks.common import io_task, log_progress
 

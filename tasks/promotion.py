@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
-from darkroom import promotion
 from darkroom.config import RetrainConfig
+from darkroom.registry import promotion
 from darkroom.storage import open_storage
 from tasks.common import io_task
 

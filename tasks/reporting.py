@@ -14,13 +14,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from darkroom import layout
+from darkroom.scoring.watch import resource_id
 from darkroom.storage import Storage, open_storage
-from darkroom.watch import resource_id
 
 if TYPE_CHECKING:  # torch-heavy modules: a flow's start-up does not load them for hints
-    from darkroom.index_diff import DataChanges
-    from darkroom.promotion import Outcome
-    from darkroom.train import FoldSummary
+    from darkroom.registry.changes import DataChanges
+    from darkroom.registry.promotion import Outcome
+    from darkroom.training.records import FoldSummary
 
 PLOTS = ("curves.png", "confusion.png", "per_class.png", "mistakes.png")
 PROMOTED, REJECTED = "darkroom.model.promoted", "darkroom.model.rejected"
@@ -31,7 +31,7 @@ def publish_retrain(
     storage_uri: str, outcome: Outcome, folds: list[FoldSummary], metrics: dict
 ) -> None:
     """The fold table and the decision as artifacts, and a promoted/rejected event."""
-    from darkroom.promotion import METRICS_SHOWN
+    from darkroom.registry.promotion import METRICS_SHOWN
 
     storage = open_storage(storage_uri)
     rows = [
@@ -82,7 +82,7 @@ def _plot_artifacts(storage: Storage, version: str) -> None:
 
 def _metrics_table(cv: dict, outcome: Outcome) -> list[str]:
     """Every shown metric side by side, then the primary metric's majority-class baseline."""
-    from darkroom.promotion import METRICS_SHOWN
+    from darkroom.registry.promotion import METRICS_SHOWN
 
     holdout, champion, d = outcome.holdout, outcome.champion_holdout or {}, outcome.decision
     lines = [

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, TypeVar
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
 
-from darkroom import stopping
-from darkroom.cores import usable_cores
+from darkroom.ops import stopping
+from darkroom.ops.cores import usable_cores
 from tasks.common import visible_gpus
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def task_runner(config: RuntimeConfig) -> TaskRunner:
 
 @contextlib.contextmanager
 def running(config: RuntimeConfig) -> Iterator[TaskRunner]:
-    """``task_runner(config)``, entered, with a stop scope inside it (darkroom.stopping): a
+    """``task_runner(config)``, entered, with a stop scope inside it (darkroom.ops.stopping): a
     flow that leaves the block with an error (SIGTERM, a cancelled run, a task that failed for
     good) stops the folds or chunks still running at their next batch, before the runner
     waits for its threads."""

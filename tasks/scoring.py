@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from darkroom import scoring
 from darkroom.config import ScoreConfig
+from darkroom.scoring import chunks as scoring
 from darkroom.storage import open_storage
 from tasks.common import io_task
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import get_run_logger
 
-from darkroom import sync
 from darkroom.config import RetrainConfig
+from darkroom.data import sync
 from darkroom.storage import open_storage
 from tasks.common import io_task, log_progress
 

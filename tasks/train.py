@@ -6,10 +6,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from darkroom import model, train
 from darkroom.config import RetrainConfig
-from darkroom.model import resolve_device
+from darkroom.model import backbone as model
+from darkroom.model.backbone import resolve_device
 from darkroom.storage import open_storage
+from darkroom.training import fold as train
 from tasks.common import gpu_slot, io_task, progress_bar
 
 
@@ -23,7 +24,7 @@ def check_pretrained(config: RetrainConfig) -> None:
 def train_fold(config: RetrainConfig, snapshot: str, version: str, fold: int) -> train.FoldSummary:
     """One fold. With several GPUs each fold holds ``devices_per_fold`` slots of the
     ``darkroom-gpu`` global concurrency limit and trains on GPUs of its own (see
-    tasks.common.gpu_slot); on several, in one process per GPU (darkroom.launch)."""
+    tasks.common.gpu_slot); on several, in one process per GPU (darkroom.training.launch)."""
     storage = open_storage(config.storage)
     cfg = config.train
     with gpu_slot(config.device, count=config.devices_per_fold) as dev:

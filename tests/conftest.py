@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+from darkroom.cli.demo import DEMO_TRAIN, digit_png
 from darkroom.config import TrainConfig
-from darkroom.demo import DEMO_TRAIN, digit_png
 from darkroom.storage import LocalStorage, Storage
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -90,16 +90,16 @@ def cache_dir(tmp_path):
 def train_candidate(storage: Storage, cache_dir, train: TrainConfig = TINY) -> str:
     """A model version through the core stages alone (no Prefect): sync, index, every fold,
     finalise. Returns the version; nothing is promoted."""
-    from darkroom import registry
     from darkroom.config import RetrainConfig
-    from darkroom.index import rebuild_index
-    from darkroom.sync import sync_labeled
-    from darkroom.train import finalize_candidate, train_fold
+    from darkroom.data.index import rebuild_index
+    from darkroom.data.sync import sync_labeled
+    from darkroom.registry import pointer
+    from darkroom.training.fold import finalize_candidate, train_fold
 
     config = RetrainConfig(storage=storage.uri, cache_dir=str(cache_dir), device="cpu", train=train)
     sync_labeled(storage, config)
     snap = rebuild_index(storage, config, "test").snapshot
-    version = registry.new_version(snap, train.fingerprint())
+    version = pointer.new_version(snap, train.fingerprint())
     folds = [train_fold(storage, config, snap, version, k) for k in range(train.folds)]
     finalize_candidate(storage, train, snap, version, folds)
     return version

@@ -11,8 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from darkroom.storage import Storage
-
 
 class TrainConfig(BaseModel):
     """How one model is trained. Every field here changes the trained weights."""
@@ -186,13 +184,13 @@ class RuntimeConfig(StorageConfig):
         "quarantined (index) or rejected (scoring); Pillow's decompression-bomb limit.",
     )
 
-    def cache_path(self, storage: Storage) -> Path:
-        """The local cache of ``storage``'s images: ``cache_dir``, else one folder per root
-        under $DARKROOM_CACHE (default ~/.cache/darkroom)."""
+    def cache_path(self, root_uri: str) -> Path:
+        """The local cache of the images of the storage root ``root_uri``: ``cache_dir``, else
+        one folder per root under $DARKROOM_CACHE (default ~/.cache/darkroom)."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
         base = Path(os.environ.get("DARKROOM_CACHE", Path.home() / ".cache" / "darkroom"))
-        return base / hashlib.sha256(storage.uri.encode()).hexdigest()[:16]
+        return base / hashlib.sha256(root_uri.encode()).hexdigest()[:16]
 
 
 # Whole-run limits (Prefect sets a flow's timeout where the flow is defined, not per run);

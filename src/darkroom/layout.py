@@ -20,7 +20,7 @@ PROMOTIONS = "models/promotions/"
 PREDICTIONS = "predictions/"
 REPORTS = "reports/"
 WATCH_STATE = "reports/watch/announced.json"
-# The scoring ledger (darkroom.ledger): which (key, etag, version) the predictions hold.
+# The scoring ledger (darkroom.scoring.ledger): which (key, etag, version) the predictions hold.
 LEDGER = "ledger/"
 LEDGER_PARTS = "ledger/parts/"
 LEDGER_MERGED = "ledger/merged/"

@@ -7,7 +7,7 @@ from uuid import UUID
 
 import yaml
 
-from flows.serve import ROOT
+from tasks.deployments import ROOT
 
 AUTOMATIONS_YAML = ROOT / "deployments" / "automations.yaml"
 SWAP_FROM = {"type": "do-nothing"}

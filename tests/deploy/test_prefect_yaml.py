@@ -23,9 +23,9 @@ from pydantic import TypeAdapter
 from rich.console import Console
 
 from darkroom.config import RetrainConfig, ScoreConfig, TrainConfig
+from darkroom.scoring.watch import ARRIVED, WatchConfig, resource_id
 from darkroom.storage import LocalStorage
-from darkroom.watch import ARRIVED, WatchConfig, resource_id
-from flows.serve import PREFECT_YAML, ROOT, build_deployments, load_flow, load_spec
+from tasks.deployments import PREFECT_YAML, ROOT, build_deployments, load_flow, load_spec
 from tasks.reporting import REJECTED
 from tests.deploy.automations import AUTOMATIONS_YAML, automations, with_notifications
 
@@ -185,7 +185,7 @@ def test_watch_incoming_runs_every_few_minutes():
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"timezone": "Europe/Berlin", "watch_every": 60, "demo": True}]
+    "overrides", [{}, {"timezone": "Europe/Berlin", "watch_every": 60, "demo_train": {"epochs": 1}}]
 )
 def test_darkroom_serve_builds_the_same_deployments(overrides):
     served = {d.name: d for d in build_deployments(SPEC, **overrides)}

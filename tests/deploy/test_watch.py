@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from darkroom.layout import WATCH_STATE as STATE
-from darkroom.scoring import PREDICTION_SCHEMA, write_predictions
-from darkroom.watch import ARRIVED, check_incoming, resource_id
+from darkroom.scoring.chunks import PREDICTION_SCHEMA, write_predictions
+from darkroom.scoring.watch import ARRIVED, check_incoming, resource_id
 from tests.conftest import png_bytes
 
 

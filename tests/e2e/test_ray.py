@@ -16,9 +16,9 @@ from prefect.settings import PREFECT_API_URL
 from prefect.testing.utilities import prefect_test_harness
 from ray.util.state import list_tasks
 
-from darkroom import registry
 from darkroom.config import RetrainConfig, ScoreConfig
-from darkroom.scoring import read_predictions
+from darkroom.registry import pointer
+from darkroom.scoring.chunks import read_predictions
 from darkroom.storage import LocalStorage
 from flows.retrain import nightly_retrain
 from flows.score import score_new_images
@@ -133,7 +133,7 @@ def test_folds_and_chunks_run_on_ray_with_the_thread_runners_result(api, fake_gp
     assert first["start_time"] < second["end_time"] and second["start_time"] < first["end_time"]
 
     if not on_ray["promoted"]:  # the gate's call on a tiny holdout; scoring needs a champion
-        registry.promote(
+        pointer.promote(
             roots["ray"], on_ray["version"], expected_etag=None, action="promote", reason="test"
         )
     scored = score_new_images(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from darkroom import registry
-from darkroom.scoring import read_predictions
+from darkroom.registry import pointer
+from darkroom.scoring.chunks import read_predictions
 from tests.conftest import TINY, train_candidate, write_digits
 from tests.e2e.service import left_in_session
 
@@ -31,7 +31,7 @@ def _train(storage, cache, seed: int) -> str:
 def scored_root(local_storage, cache_dir):
     write_digits(local_storage, classes=("0", "1", "2"), per_class=15, incoming=INCOMING)
     first = _train(local_storage, cache_dir, seed=1)
-    registry.promote(local_storage, first, expected_etag=None, action="promote", reason="test")
+    pointer.promote(local_storage, first, expected_etag=None, action="promote", reason="test")
     second = _train(local_storage, cache_dir, seed=2)
     return local_storage, cache_dir, first, second
 
@@ -118,8 +118,8 @@ def test_a_promotion_during_a_run_does_not_change_its_version(scored_root, tmp_p
     storage, cache, champion, challenger = scored_root
     proc = _score(storage, cache, tmp_path)
     _wait_for_files(storage, champion, 3, proc)
-    _, etag = registry.read_champion(storage)
-    registry.promote(
+    _, etag = pointer.read_champion(storage)
+    pointer.promote(
         storage,
         challenger,
         expected_etag=etag,
@@ -132,4 +132,4 @@ def test_a_promotion_during_a_run_does_not_change_its_version(scored_root, tmp_p
     assert len(preds) == INCOMING and set(preds["model_version"]) == {champion}
     assert not list(storage.list(f"predictions/{challenger}/")), out[-2000:]
     # the next run uses the new champion, for new images only unless asked to rescore
-    assert registry.read_champion(storage)[0]["version"] == challenger
+    assert pointer.read_champion(storage)[0]["version"] == challenger

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import tasks.common as common
-from darkroom.scoring import read_predictions
+from darkroom.scoring.chunks import read_predictions
 from tests.conftest import write_digits
 from tests.e2e.service import shared_service
 

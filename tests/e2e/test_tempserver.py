@@ -1,4 +1,4 @@
-"""darkroom.tempserver: a `darkroom` command with no PREFECT_API_URL starts Prefect's temporary
+"""darkroom.cli.tempserver: a `darkroom` command with no PREFECT_API_URL starts Prefect's temporary
 server as it starts (beside its imports, not after them), with Prefect's own command line; the
 server records the runs and goes with the command, SIGKILL included. Prefect's settings still
 decide: a profile that names a server gets its runs there, with no temporary server."""
@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from darkroom import tempserver
-from flows.serve import start_server, stop_process_group
+from darkroom.cli import tempserver
+from darkroom.cli.serve import start_server, stop_process_group
 from tests.e2e.service import free_port, left_in_session, session_processes
 
 pytestmark = pytest.mark.slow

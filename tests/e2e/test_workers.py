@@ -23,9 +23,10 @@ import pytest
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from darkroom.scoring import read_predictions
+from darkroom.cli.serve import start_server
+from darkroom.scoring.chunks import read_predictions
 from darkroom.storage import LocalStorage
-from flows.serve import PREFECT_YAML, start_server
+from tasks.deployments import PREFECT_YAML
 from tests.conftest import write_digits
 from tests.deploy.automations import AUTOMATIONS_YAML, automations, with_notifications
 from tests.e2e.service import Service

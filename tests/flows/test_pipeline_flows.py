@@ -12,7 +12,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 
 from darkroom.config import RetrainConfig, ScoreConfig
-from darkroom.scoring import read_predictions
+from darkroom.scoring.chunks import read_predictions
 from flows.retrain import nightly_retrain
 from flows.score import NoChampion, score_new_images
 from tests.conftest import LEARNS, PREDICTION_COLUMNS, write_digits

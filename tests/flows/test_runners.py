@@ -10,9 +10,11 @@ import pytest
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from darkroom import layout, registry, scoring
+from darkroom import layout
 from darkroom.config import RetrainConfig, ScoreConfig
-from darkroom.scoring import read_predictions
+from darkroom.registry import pointer
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring.chunks import read_predictions
 from darkroom.storage import LocalStorage
 from flows.score import StreamedPlan, score_new_images
 from tasks.runners import submit_bounded, task_runner
@@ -67,7 +69,7 @@ def test_scoring_never_runs_more_chunks_than_max_chunks_in_flight(
 ):
     write_digits(local_storage, classes=("0", "1"), per_class=8, incoming=6)
     version = train_candidate(local_storage, cache_dir, TINY)
-    registry.promote(local_storage, version, expected_etag=None, action="promote", reason="t")
+    pointer.promote(local_storage, version, expected_etag=None, action="promote", reason="t")
     config = ScoreConfig(
         storage=local_storage.uri,
         cache_dir=str(cache_dir),

@@ -17,10 +17,11 @@ import pytest
 import torch
 from prefect import flow
 
-from darkroom import layout, registry
+from darkroom import layout
 from darkroom.config import RetrainConfig
-from darkroom.index import rebuild_index
-from darkroom.sync import sync_labeled
+from darkroom.data.index import rebuild_index
+from darkroom.data.sync import sync_labeled
+from darkroom.registry import pointer
 from tasks.runners import task_runner
 from tasks.train import train_fold
 from tests.conftest import TINY, write_digits
@@ -55,7 +56,7 @@ def test_a_fold_past_its_timeout_stops_in_its_worker_thread(local_storage, cache
     )
     sync_labeled(local_storage, config)
     snapshot = rebuild_index(local_storage, config, "test").snapshot
-    version = registry.new_version(snapshot, long.fingerprint())
+    version = pointer.new_version(snapshot, long.fingerprint())
     calls = {"config": config, "snapshot": snapshot, "version": version, "fold": 0}
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="prefect.task_runs"):

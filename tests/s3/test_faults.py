@@ -14,15 +14,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from darkroom import layout, registry
+from darkroom import layout
 from darkroom.config import RetrainConfig, ScoreConfig
-from darkroom.index import read_index, rebuild_index
-from darkroom.promotion import judge, promote_candidate, record_candidate
-from darkroom.s3 import S3Storage
-from darkroom.scoring import pending_chunks, read_predictions, score_chunk
+from darkroom.data.index import read_index, rebuild_index
+from darkroom.data.sync import SyncDenied, SyncIncomplete, load_manifest, sync_labeled
+from darkroom.registry import pointer
+from darkroom.registry.promotion import judge, promote_candidate, record_candidate
+from darkroom.scoring.chunks import pending_chunks, read_predictions, score_chunk
 from darkroom.storage import StorageError, open_storage
-from darkroom.sync import SyncDenied, SyncIncomplete, load_manifest, sync_labeled
-from darkroom.train import train_fold
+from darkroom.storage.s3 import S3Storage
+from darkroom.training.fold import train_fold
 from tests.conftest import TINY, train_candidate, write_digits
 from tests.s3.fault_proxy import FAULTS
 
@@ -124,7 +125,7 @@ def _pipeline(storage, cache_dir) -> dict:
     outcome = judge(storage, config, snapshot, version)
     record_candidate(storage, outcome, [f.metrics for f in folds])
     outcome = promote_candidate(storage, outcome)
-    champion, _ = registry.read_champion(storage)
+    champion, _ = pointer.read_champion(storage)
     model = champion["version"] if champion else version
     score = ScoreConfig(storage=storage.uri, cache_dir=str(cache_dir), device="cpu", chunk_size=4)
     plan = pending_chunks(storage, model, score.chunk_size)

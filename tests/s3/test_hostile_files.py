@@ -21,8 +21,8 @@ import boto3
 import pandas as pd
 import pytest
 
-from darkroom.index import read_index
-from darkroom.scoring import read_predictions
+from darkroom.data.index import read_index
+from darkroom.scoring.chunks import read_predictions
 from darkroom.storage import open_storage
 from tests.conftest import LEARNS, write_digits
 from tests.hostile import BATTERY, LABELS_CSV, LIMIT, MISSING

@@ -9,10 +9,11 @@ import re
 import pandas as pd
 import pytest
 
-from darkroom import layout, registry
+from darkroom import layout
 from darkroom.cli import main
 from darkroom.config import ScoreConfig
-from darkroom.scoring import pending_chunks, score_chunk
+from darkroom.registry import pointer as registry
+from darkroom.scoring.chunks import pending_chunks, score_chunk
 from darkroom.storage import open_storage
 from tests.conftest import LEARNS, train_candidate, write_digits
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from darkroom.scoring import PREDICTION_SCHEMA
+from darkroom.scoring.chunks import PREDICTION_SCHEMA
 from tests.conftest import PREDICTION_COLUMNS
 from tests.s3.conftest import list_keys
 

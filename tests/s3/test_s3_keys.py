@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from darkroom import scoring
 from darkroom.config import RetrainConfig
-from darkroom.index import read_index, rebuild_index
+from darkroom.data.index import read_index, rebuild_index
+from darkroom.data.sync import sync_labeled
+from darkroom.scoring import chunks as scoring
 from darkroom.storage import open_storage
-from darkroom.sync import sync_labeled
 from tests.conftest import TINY, png_bytes
 
 pytestmark = pytest.mark.s3

@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from darkroom.storage import PreconditionFailed, S3Storage, open_storage
+from darkroom.storage import PreconditionFailed, open_storage
+from darkroom.storage.s3 import S3Storage
 from tests.s3.conftest import list_keys
 
 pytestmark = pytest.mark.s3
@@ -194,7 +195,7 @@ def _with_weights(storage, version: str) -> None:
 
 
 def test_promotion_race_on_s3_loses_cleanly(s3_env):
-    from darkroom import registry
+    from darkroom.registry import pointer as registry
 
     storage = open_storage(s3_env["uri"])
     for v in ("v1", "v2", "v3"):
@@ -213,7 +214,7 @@ def test_promotion_race_on_s3_loses_cleanly(s3_env):
 
 
 def test_promotion_against_deleted_pointer_is_lost_not_a_crash(s3_env):
-    from darkroom import registry
+    from darkroom.registry import pointer as registry
 
     storage = open_storage(s3_env["uri"])
     _with_weights(storage, "v1")

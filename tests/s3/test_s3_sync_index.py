@@ -8,11 +8,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from darkroom import index as idx
 from darkroom.config import RetrainConfig
-from darkroom.index import rebuild_index
+from darkroom.data import index as idx
+from darkroom.data.index import rebuild_index
+from darkroom.data.sync import load_manifest, sync_labeled, sync_prefix
 from darkroom.storage import open_storage
-from darkroom.sync import load_manifest, sync_labeled, sync_prefix
 from tests.conftest import INDEX_COLUMNS, png_bytes, write_digits
 from tests.s3.conftest import list_keys
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from darkroom.config import ScoreConfig
-from darkroom.s3 import S3Storage
-from darkroom.scoring import pending_chunks, read_predictions, score_chunk
+from darkroom.scoring.chunks import pending_chunks, read_predictions, score_chunk
 from darkroom.storage import open_storage
+from darkroom.storage.s3 import S3Storage
 from tests.conftest import TINY, train_candidate, write_digits
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from darkroom import compaction, layout, ledger, scoring
+from darkroom import layout
 from darkroom.config import ScoreConfig
-from darkroom.scoring import (
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring import compaction, ledger
+from darkroom.scoring.chunks import (
     PREDICTION_SCHEMA,
     chunk_id,
     pending_chunks,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from darkroom import scoring
 from darkroom.config import ScoreConfig
-from darkroom.model import create_model, mean_std, sha256, to_bytes
-from darkroom.s3 import S3Storage
+from darkroom.model.backbone import create_model, mean_std, sha256, to_bytes
+from darkroom.scoring import chunks
 from darkroom.storage import LocalStorage, open_storage
+from darkroom.storage.s3 import S3Storage
 from tests.conftest import TINY, write_digits
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -26,7 +26,7 @@ def _write(storage, weights: bytes, meta: dict) -> None:
 
 
 def _rows(storage) -> dict:
-    df = scoring.read_predictions(storage, "v1").set_index("key")
+    df = chunks.read_predictions(storage, "v1").set_index("key")
     df["topk_labels"] = df["topk_labels"].map(list)
     df["topk_probs"] = df["topk_probs"].map(list)
     return df[["label", "confidence", "topk_labels", "topk_probs", "status"]].to_dict("index")
@@ -44,9 +44,9 @@ def test_a_chunk_fetched_in_slices_scores_as_in_place(s3_faulty, tmp_path, monke
         _write(storage, to_bytes(model), meta)
     s3_faulty["proxy"].fail_keys = {f"{s3_faulty['prefix']}/{LOST}": 500}
     slices = []
-    fetch = scoring.fetch_objects
+    fetch = chunks.fetch_objects
     monkeypatch.setattr(
-        scoring,
+        chunks,
         "fetch_objects",
         lambda st, objs, *a: slices.append(len(objs)) or fetch(st, objs, *a),
     )
@@ -54,14 +54,14 @@ def test_a_chunk_fetched_in_slices_scores_as_in_place(s3_faulty, tmp_path, monke
     storage, cache = open_storage(s3_faulty["uri"]), tmp_path / "cache"
     config = ScoreConfig(storage=storage.uri, cache_dir=str(cache), device="cpu", batch_size=2)
     items = sorted((o.key, o.etag) for o in storage.list("incoming/"))
-    result = scoring.score_chunk(storage, config, "v1", items)
+    result = chunks.score_chunk(storage, config, "v1", items)
     assert slices == [4 * 2, 2]  # FETCH_SLICE_BATCHES batches of 2, then the rest
     assert (result.images, result.failed, result.unfetched) == (9, 1, 1)
     assert list(result.unfetched_reasons) == [LOST]
     assert not [p for p in cache.rglob("*") if p.is_file() and "incoming" in p.parts]
 
     in_place = [(o.key, o.etag) for o in local.list("incoming/") if o.key != LOST]
-    scoring.score_chunk(local, config.model_copy(update={"storage": local.uri}), "v1", in_place)
+    chunks.score_chunk(local, config.model_copy(update={"storage": local.uri}), "v1", in_place)
     got, want = _rows(storage), _rows(local)
     assert sorted(got) == sorted(k for k, _ in in_place)
     assert got["incoming/broken.png"]["status"] == "unreadable"

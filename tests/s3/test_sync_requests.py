@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 
 from darkroom.config import RetrainConfig
-from darkroom.s3 import S3Storage
-from darkroom.storage import open_storage
-from darkroom.sync import (
+from darkroom.data.sync import (
     SyncIncomplete,
     fetch_objects,
     load_manifest,
     sync_labeled,
     sync_prefix,
 )
+from darkroom.storage import open_storage
+from darkroom.storage.s3 import S3Storage
 from tests.conftest import TINY, png_bytes, write_digits
 
 pytestmark = pytest.mark.s3

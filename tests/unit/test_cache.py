@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from darkroom import feed
-from darkroom.cache import DECODE_VERSION, DecodedCache
 from darkroom.config import RetrainConfig
-from darkroom.cores import cpu_quota, usable_cores
-from darkroom.data import ImageDataset, ImageTooLarge, UnreadableImage, build_transform
-from darkroom.fit import FoldData, fit
-from darkroom.steps import LoaderLimits, StepOptions, make_loader, to_device
+from darkroom.data.cache import DECODE_VERSION, DecodedCache
+from darkroom.data.images import ImageDataset, ImageTooLarge, UnreadableImage, build_transform
+from darkroom.ops.cores import cpu_quota, usable_cores
+from darkroom.training import feed
+from darkroom.training.fit import fit
+from darkroom.training.records import FoldData, LoaderLimits
+from darkroom.training.steps import StepOptions, make_loader, to_device
 from tests.conftest import TINY
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -112,7 +113,7 @@ def test_two_processes_build_the_same_entries_at_once(tmp_path, photos):
     ids, paths = photos
     ids, paths = ids * 4, paths * 4  # the same images again: both processes race on each
     code = textwrap.dedent(f"""
-        from darkroom.cache import DecodedCache
+        from darkroom.data.cache import DecodedCache
         DecodedCache({str(tmp_path / "decoded")!r}, 32, 10**9).build({ids!r}, {paths!r}, threads=2)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
@@ -196,7 +197,7 @@ def test_num_workers_auto_resolves_from_the_cores(monkeypatch):
 def test_a_fit_on_cached_pixels_trains_as_the_fit_on_files(tmp_path):
     from sklearn.datasets import load_digits
 
-    from darkroom.demo import digit_png
+    from darkroom.cli.demo import digit_png
 
     digits = load_digits()
     keep = [i for i in range(300) if digits.target[i] in (0, 1, 7)][:48]
@@ -220,10 +221,10 @@ def test_a_fit_on_cached_pixels_trains_as_the_fit_on_files(tmp_path):
 
 
 def test_the_first_fold_decodes_and_the_next_folds_reuse(local_storage, cache_dir, monkeypatch):
-    from darkroom import train
-    from darkroom.cache import DecodedCache
-    from darkroom.index import read_index, rebuild_index
-    from darkroom.sync import sync_labeled
+    from darkroom.data.cache import DecodedCache
+    from darkroom.data.index import read_index, rebuild_index
+    from darkroom.data.sync import sync_labeled
+    from darkroom.training import fold as train
     from tests.conftest import write_digits
 
     write_digits(local_storage, classes=("0", "1"), per_class=6)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from darkroom import cli
+from darkroom.cli import main
 from darkroom.config import RetrainConfig, ScoreConfig, TrainConfig
 from tests.conftest import write_digits
 
@@ -36,8 +36,8 @@ def one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def test_every_subcommand_runs_its_own_function():
-    parser = cli.build_parser()
-    for name in cli.COMMANDS:
+    parser = main.build_parser()
+    for name in main.COMMANDS:
         args = ["v1"] if name == "promote" else []
         func = parser.parse_args([name, *args]).func
         assert func.__name__ == "cmd_" + name.replace("-", "_"), name
@@ -45,7 +45,7 @@ def test_every_subcommand_runs_its_own_function():
 
 def test_every_config_field_is_a_flag_with_its_default():
     help_text = " ".join(
-        cli.build_parser()._subparsers._group_actions[0].choices["retrain"].format_help().split()
+        main.build_parser()._subparsers._group_actions[0].choices["retrain"].format_help().split()
     )
     fields = [f for f in RetrainConfig.model_fields if f != "train"] + list(
         TrainConfig.model_fields
@@ -59,20 +59,20 @@ def test_every_config_field_is_a_flag_with_its_default():
 def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
     path = tmp_path / "nightly.yaml"
     path.write_text("min_delta: 0.01\ntrain:\n  epochs: 3\n  backbone: resnet50\n")
-    parser = cli.build_parser()
-    config = cli.config_from_args(
+    parser = main.build_parser()
+    config = main.config_from_args(
         RetrainConfig, parser.parse_args(["retrain", "--config", str(path), "--epochs", "4"])
     )
     assert config.train.epochs == 4 and config.train.backbone == "resnet50"
     assert config.min_delta == 0.01 and config.train.lr == TrainConfig().lr
     toml = tmp_path / "score.toml"
     toml.write_text("chunk_size = 7\ntopk = 2\n")
-    score = cli.config_from_args(
+    score = main.config_from_args(
         ScoreConfig, parser.parse_args(["score", "--config", str(toml), "--topk", "3"])
     )
     assert (score.chunk_size, score.topk) == (7, 3)
     a = parser.parse_args(["retrain", "--pretrained-file", "w.safetensors"])
-    assert cli.config_from_args(RetrainConfig, a).train.pretrained  # a file asks for it
+    assert main.config_from_args(RetrainConfig, a).train.pretrained  # a file asks for it
 
 
 def test_version():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from darkroom.data import (
+from darkroom.data.images import (
     ImageDataset,
     SafeImageDataset,
     UnreadableImage,

@@ -19,14 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from darkroom import launch, train
 from darkroom.config import RetrainConfig
-from darkroom.data import build_transform
-from darkroom.fit import NonFiniteLoss
-from darkroom.index import read_index, rebuild_index
-from darkroom.model import create_model
-from darkroom.steps import make_loader, predict_proba
-from darkroom.sync import local_paths, sync_labeled
+from darkroom.data.images import build_transform
+from darkroom.data.index import read_index, rebuild_index
+from darkroom.data.sync import local_paths, sync_labeled
+from darkroom.model.backbone import create_model
+from darkroom.training import fold as train
+from darkroom.training import launch
+from darkroom.training.fit import NonFiniteLoss
+from darkroom.training.steps import make_loader, predict_proba
 from tests.conftest import TINY, write_digits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ TRAIN_FOLD = """
 import sys
 from darkroom.config import RetrainConfig
 from darkroom.storage import open_storage
-from darkroom.train import train_fold
+from darkroom.training.fold import train_fold
 config = RetrainConfig.model_validate_json(sys.argv[1])
 train_fold(open_storage(config.storage), config, sys.argv[2], "v1", 0)
 """
@@ -89,7 +90,7 @@ def _val_loader(storage, config, snapshot, summary):
     recipe's transform, not the decode-once cache the ranks read."""
     rows, _, _ = read_index(storage, snapshot)
     val = rows[(rows["split"] == "train") & (rows["fold"] == 0)]
-    paths = local_paths(storage, val, config.cache_path(storage))
+    paths = local_paths(storage, val, config.cache_path(storage.uri))
     tf = build_transform(config.train.image_size, summary.mean, summary.std, "none")
     return make_loader(paths, val["class_index"].tolist(), tf, 16, shuffle=False), val
 
@@ -182,10 +183,10 @@ def test_the_ranks_see_the_gpus_the_fold_holds(monkeypatch):
     assert kind == "cpu" and int(env["OMP_NUM_THREADS"]) >= 1
 
 
-# A process that starts a child which dies with it (darkroom.launch's launcher and ranks).
+# A process that starts a child which dies with it (darkroom.training.launch's launcher and ranks).
 PARENT = """
 import os, subprocess, sys
-child = "from darkroom.launch import _die_with_parent; _die_with_parent('DARKROOM_FOLD_PID');"
+child = "from darkroom.training.launch import _die_with_parent; _die_with_parent('DARKROOM_FOLD_PID');"
 child += "import os, pathlib, time; p = pathlib.Path(sys.argv[1]); t = p.with_suffix('.tmp');"
 child += "t.write_text(str(os.getpid())); t.rename(p);"
 child += "time.sleep(600)"

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from darkroom.config import TrainConfig
-from darkroom.fit import FoldData, NonFiniteLoss, fit
-from darkroom.model import create_model, load_weights, sha256, to_bytes
-from darkroom.recipe import amp_dtype, class_weights, local_weights
-from darkroom.rng import seed_everything
-from darkroom.steps import StepOptions, mix_batch, to_device
-from darkroom.sync import sync_prefix
+from darkroom.data.sync import sync_prefix
+from darkroom.model.backbone import create_model, load_weights, sha256, to_bytes
+from darkroom.training.fit import NonFiniteLoss, fit
+from darkroom.training.recipe import amp_dtype, class_weights, local_weights
+from darkroom.training.records import FoldData
+from darkroom.training.rng import seed_everything
+from darkroom.training.steps import StepOptions, mix_batch, to_device
 from tests.conftest import TINY, write_digits
 
 CPU = torch.device("cpu")
@@ -44,8 +45,8 @@ def test_fit_returns_best_epoch_weights_and_validation_probs(digit_files):
     assert res.val_probs.shape == (len(paths[1::2]), len(classes))
     np.testing.assert_allclose(res.val_probs.sum(1), 1.0, rtol=1e-4)
     # the weights returned are the best epoch's: re-evaluating reproduces its validation loss
-    from darkroom.data import build_transform
-    from darkroom.steps import evaluate, make_loader
+    from darkroom.data.images import build_transform
+    from darkroom.training.steps import evaluate, make_loader
 
     loader = make_loader(
         paths[1::2], labels[1::2], build_transform(32, res.mean, res.std), 32, shuffle=False
@@ -178,7 +179,7 @@ def test_freeze_backbone_trains_only_the_head_first(digit_files):
 
 
 def test_early_stopping_keeps_the_best_epoch(digit_files, monkeypatch):
-    import darkroom.fit as tr
+    import darkroom.training.fit as tr
 
     losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 0.95])
     real = tr.evaluate
@@ -238,7 +239,7 @@ def test_compile_and_channels_last_are_cuda_only(digit_files, monkeypatch):
 
 
 def test_dataloader_workers(digit_files, monkeypatch):
-    import darkroom.fit as tr
+    import darkroom.training.fit as tr
 
     stopped = []
 
@@ -336,7 +337,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_model(digit_files, every):
 
 
 def test_cuda_out_of_memory_retries_with_half_the_batch(digit_files, monkeypatch):
-    import darkroom.fit as tr
+    import darkroom.training.fit as tr
 
     real, calls = tr.train_one_epoch, []
 
@@ -401,7 +402,7 @@ def _tensor_bytes(obj) -> int:
 
 
 def test_checkpoint_stores_the_best_weights_only_when_they_differ(digit_files, monkeypatch):
-    import darkroom.fit as tr
+    import darkroom.training.fit as tr
 
     losses = iter([1.0, 0.5, 0.7, 0.8])
     real = tr.evaluate
@@ -455,7 +456,7 @@ def test_checkpoint_interval_saves_every_epoch_or_only_at_the_end(digit_files, e
 def test_a_fold_killed_inside_an_epoch_resumes_from_the_last_saved_epoch(
     digit_files, monkeypatch, every
 ):
-    import darkroom.fit as tr
+    import darkroom.training.fit as tr
 
     real, epochs = tr.train_one_epoch, []
 
@@ -479,7 +480,7 @@ def test_a_fold_killed_inside_an_epoch_resumes_from_the_last_saved_epoch(
 def test_a_finished_fold_resumes_from_its_final_checkpoint_without_training(
     digit_files, monkeypatch
 ):
-    import darkroom.fit as tr
+    import darkroom.training.fit as tr
 
     cfg = TINY.model_copy(update={"epochs": 2})
     ckpt = MemoryCheckpointer()
@@ -497,7 +498,7 @@ def test_a_finished_fold_resumes_from_its_final_checkpoint_without_training(
 
 
 def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():
-    from darkroom.lr_finder import suggest
+    from darkroom.training.lr_finder import suggest
 
     lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     losses = [2.3, 2.2, 1.2, 0.9, 0.8, 5.0]  # steepest drop around 1e-3
@@ -527,8 +528,9 @@ def test_a_hung_loader_worker_fails_the_epoch_instead_of_waiting_forever(tmp_pat
     DataLoader worker: the loader gives up after its timeout, with an error a task retries."""
     import os
 
-    from darkroom.data import build_transform
-    from darkroom.steps import LoaderLimits, make_loader
+    from darkroom.data.images import build_transform
+    from darkroom.training.records import LoaderLimits
+    from darkroom.training.steps import make_loader
     from tasks.common import NOT_RETRIED
 
     paths, labels, _ = digit_files

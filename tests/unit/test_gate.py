@@ -8,11 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-from darkroom import layout, registry
+from darkroom import layout
 from darkroom.config import RetrainConfig
-from darkroom.metrics import classification_metrics
-from darkroom.promotion import Holdout, decide, majority_baseline, mcnemar_p_value
-from darkroom.registry import PromotionLost, RegistryError, lineage, promote, rollback
+from darkroom.model.metrics import classification_metrics
+from darkroom.registry import pointer as registry
+from darkroom.registry.pointer import PromotionLost, RegistryError, lineage, promote, rollback
+from darkroom.registry.promotion import Holdout, decide, majority_baseline, mcnemar_p_value
 
 RULE_NAMES = ("min_metric", "baseline_margin", "min_delta", "max_p_value", "max_class_recall_drop")
 

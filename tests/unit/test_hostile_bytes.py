@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from darkroom.data import UnreadableImage, decode_rgb
-from darkroom.index import describe_image
+from darkroom.data.images import UnreadableImage, decode_rgb
+from darkroom.data.index import describe_image
 from tests.hostile import BATTERY, Case
 
 SCORED_AT = 32  # the scoring decoder's min_side at the tests' 32 px

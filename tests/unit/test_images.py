@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from darkroom import index as idx
 from darkroom import layout
 from darkroom.config import RetrainConfig, ScoreConfig
-from darkroom.data import (
+from darkroom.data import index as idx
+from darkroom.data.headers import _png_header, pillow_header
+from darkroom.data.images import (
     BACKGROUND,
     ImageDataset,
     ImageTooLarge,
@@ -33,11 +34,10 @@ from darkroom.data import (
     read_header,
     read_rgb,
 )
-from darkroom.headers import _png_header, pillow_header
-from darkroom.index import build_index, describe_image, read_index, rebuild_index, write_index
-from darkroom.inference import LoadedModel
-from darkroom.model import create_model, mean_std, sha256, to_bytes
-from darkroom.sync import sync_labeled, sync_prefix
+from darkroom.data.index import build_index, describe_image, read_index, rebuild_index, write_index
+from darkroom.data.sync import sync_labeled, sync_prefix
+from darkroom.model.backbone import create_model, mean_std, sha256, to_bytes
+from darkroom.model.inference import LoadedModel
 from tests.conftest import TINY, png_bytes, write_digits
 from tests.hostile import BATTERY
 
@@ -307,7 +307,7 @@ def test_describing_a_huge_png_keeps_memory_small(huge):
     code = (
         RSS
         + f"""
-from darkroom.index import describe_image
+from darkroom.data.index import describe_image
 before = rss()
 row = describe_image({str(huge)!r})
 print(json.dumps({{"before": before, "after": rss(), "status": row["status"]}}))
@@ -417,7 +417,7 @@ def test_scoring_dataset_and_predict_reject_a_huge_image(tmp_path, huge, tiny_mo
 
 
 def test_score_chunk_writes_too_large_rows(local_storage, cache_dir, huge, tiny_model):
-    from darkroom.scoring import pending_chunks, read_predictions, score_chunk
+    from darkroom.scoring.chunks import pending_chunks, read_predictions, score_chunk
 
     model, meta = tiny_model
     weights = to_bytes(model)
@@ -476,7 +476,7 @@ def test_a_100_megapixel_jpeg_costs_little_memory(tmp_path):
     code = (
         RSS
         + f"""
-from darkroom.data import read_rgb
+from darkroom.data.images import read_rgb
 before = rss()
 shape = read_rgb({str(path)!r}, min_side=224).shape
 print(json.dumps({{"before": before, "after": rss(), "shape": shape}}))

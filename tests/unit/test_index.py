@@ -7,10 +7,17 @@ import json
 import pandas as pd
 import pytest
 
-from darkroom import index as idx
 from darkroom import layout
-from darkroom.index import COLUMNS, DatasetError, build_index, is_holdout, read_index, write_index
-from darkroom.sync import sync_prefix
+from darkroom.data import index as idx
+from darkroom.data.index import (
+    COLUMNS,
+    DatasetError,
+    build_index,
+    is_holdout,
+    read_index,
+    write_index,
+)
+from darkroom.data.sync import sync_prefix
 from tests.conftest import png_bytes, write_digits
 
 
@@ -102,7 +109,7 @@ def test_folds_are_stratified(local_storage, cache_dir):
 
 def test_folds_do_not_depend_on_listing_order(digits_index):
     df, _, _ = digits_index
-    from darkroom.sync import CachedObject
+    from darkroom.data.sync import CachedObject
 
     objs = {r.key: CachedObject(r.key, r.etag, int(r.bytes), "") for r in df.itertuples()}
     # Same rows reused from `previous`, fed in reverse insertion order.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from darkroom import registry
-from darkroom.index_diff import changes_since_champion, diff_snapshots
+from darkroom.registry import pointer
+from darkroom.registry.changes import changes_since_champion, diff_snapshots
 
 
 def rows(*items) -> pd.DataFrame:
@@ -45,7 +45,7 @@ def test_without_a_champion_everything_is_new():
 
 
 def test_the_table_is_written_beside_the_snapshot(local_storage):
-    from darkroom.index import write_index
+    from darkroom.data.index import write_index
 
     old = rows(("labeled/a/1.png", "a", "1"), ("labeled/b/2.png", "b", "2"))
     new = rows(("labeled/a/1.png", "a", "1"), ("labeled/b/3.png", "b", "3"))
@@ -56,7 +56,7 @@ def test_the_table_is_written_beside_the_snapshot(local_storage):
     second = write_index(local_storage, new, ["a", "b"])["snapshot"]
     local_storage.write_json("models/v1/model.json", {"index_snapshot": first})
     local_storage.write_bytes("models/v1/model.safetensors", b"w")
-    registry.promote(local_storage, "v1", expected_etag=None, action="promote", reason="t")
+    pointer.promote(local_storage, "v1", expected_etag=None, action="promote", reason="t")
     changes = changes_since_champion(local_storage, second)
     assert changes.since == first and changes.total["new"] == 1 and changes.total["removed"] == 1
     saved = local_storage.read_json(f"index/{second}.changes.json")

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from darkroom import lease
-from darkroom.lease import LeaseHeld
+from darkroom.storage import lease
+from darkroom.storage.lease import LeaseHeld
 from tests.unit.test_cli import darkroom, one_line_error
 
 

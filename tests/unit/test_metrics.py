@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from darkroom.metrics import aggregate, classification_metrics
+from darkroom.model.metrics import aggregate, classification_metrics
 
 CLASSES = ["a", "b", "c"]
 # true   probs              pred

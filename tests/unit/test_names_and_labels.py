@@ -9,12 +9,13 @@ import os
 import pandas as pd
 import pytest
 
-from darkroom import scoring, watch
 from darkroom.config import RetrainConfig
-from darkroom.index import COLUMNS, DatasetError, rebuild_index
-from darkroom.labels import parse_labels
+from darkroom.data.index import COLUMNS, DatasetError, rebuild_index
+from darkroom.data.labels import parse_labels
+from darkroom.data.sync import is_image_key, sync_labeled, sync_prefix
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring import watch
 from darkroom.storage import BadKeyName, UnsafeKeyError, check_key, printable_key
-from darkroom.sync import is_image_key, sync_labeled, sync_prefix
 from tests.conftest import TINY, png_bytes, write_digits
 
 BAD_NAME = b"\xff\xfe.png"  # not UTF-8: the OS hands it to Python as surrogate escapes
@@ -63,7 +64,7 @@ def test_check_key_refuses_names_that_are_not_utf8():
 
 
 def test_is_image_key_skips_undecodable_names_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="darkroom.sync"):
+    with caplog.at_level(logging.WARNING, logger="darkroom.data.sync"):
         assert not is_image_key("incoming/" + os.fsdecode(BAD_NAME))
     assert SHOWN in caplog.text and "rename it" in caplog.text
     assert is_image_key("incoming/日本 é+1.png")
@@ -109,7 +110,7 @@ def test_renamed_bad_file_leaves_the_report(local_storage, cache_dir):
 def test_bad_name_under_incoming_is_never_planned(local_storage, caplog):
     local_storage.put_source_object("incoming/ok é.png", png_bytes(10))
     _bad_file(local_storage, "incoming")
-    with caplog.at_level(logging.WARNING, logger="darkroom.sync"):
+    with caplog.at_level(logging.WARNING, logger="darkroom.data.sync"):
         plan = scoring.pending_chunks(local_storage, "v1", chunk_size=10)
     assert plan.incoming == 1
     assert [k for chunk in plan.chunks for k, _ in chunk] == ["incoming/ok é.png"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from darkroom import plots
+from darkroom.training import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

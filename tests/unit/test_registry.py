@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from darkroom import registry
 from darkroom.config import RetrainConfig
 from darkroom.layout import CHAMPION, PROMOTIONS
-from darkroom.metrics import classification_metrics
-from darkroom.promotion import Holdout, decide
-from darkroom.registry import PromotionLost, history, promote
+from darkroom.model.metrics import classification_metrics
+from darkroom.registry import pointer as registry
+from darkroom.registry.pointer import PromotionLost, history, promote
+from darkroom.registry.promotion import Holdout, decide
 
 
 def _fake_version(storage, version: str) -> None:

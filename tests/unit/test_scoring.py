@@ -10,19 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from darkroom import inference, scoring
 from darkroom.config import ScoreConfig
-from darkroom.data import build_transform, read_rgb
-from darkroom.inference import LoadedModel, align_probs
-from darkroom.model import create_model, mean_std, sha256, to_bytes
-from darkroom.scoring import (
+from darkroom.data.images import build_transform, read_rgb
+from darkroom.data.sync import sync_prefix
+from darkroom.model import inference
+from darkroom.model.backbone import create_model, mean_std, sha256, to_bytes
+from darkroom.model.inference import LoadedModel, align_probs
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring.chunks import (
     PREDICTION_SCHEMA,
     chunk_id,
     read_predictions,
     scored_pairs,
     write_predictions,
 )
-from darkroom.sync import sync_prefix
 from tests.conftest import PREDICTION_COLUMNS, TINY, png_bytes, write_digits
 
 CLASSES = ["0", "1", "2"]

@@ -7,9 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from darkroom import cli, compaction, layout, scoring
+from darkroom import layout
+from darkroom.cli import main as cli
 from darkroom.config import ScoreConfig
-from darkroom.scoring import chunk_id, pending_chunks, write_predictions
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring import compaction
+from darkroom.scoring.chunks import chunk_id, pending_chunks, write_predictions
 from darkroom.storage import LocalStorage
 from tests.conftest import png_bytes
 

@@ -9,9 +9,11 @@ import random
 import numpy as np
 import pytest
 
-from darkroom import layout, ledger, scoring
+from darkroom import layout
 from darkroom.config import ScoreConfig
-from darkroom.scoring import PREDICTION_SCHEMA, chunk_id, pending_chunks, write_predictions
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring import ledger
+from darkroom.scoring.chunks import PREDICTION_SCHEMA, chunk_id, pending_chunks, write_predictions
 from darkroom.storage import LocalStorage
 from tests.conftest import png_bytes
 

@@ -1,4 +1,4 @@
-"""darkroom.stopping: the stop event reaches the worker threads a task runner starts (they run
+"""darkroom.ops.stopping: the stop event reaches the worker threads a task runner starts (they run
 in a copy of the submitting context) and is set only when the block fails."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from darkroom import stopping
+from darkroom.ops import stopping
 
 
 def _in_worker(pool: ThreadPoolExecutor, fn):

@@ -10,12 +10,12 @@ from darkroom import storage as st
 from darkroom.storage import (
     LocalStorage,
     PreconditionFailed,
-    S3Storage,
     StorageError,
     UnsafeKeyError,
     check_key,
     open_storage,
 )
+from darkroom.storage.s3 import S3Storage
 
 UNSAFE_KEYS = ["../x", "/abs", "a\\b", "a//b", "", "a/../b", "./a", "a/", "x\x00y"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from darkroom.data.sync import cache_path, is_image_key, load_manifest, load_refused, sync_prefix
 from darkroom.storage import UnsafeKeyError
-from darkroom.sync import cache_path, is_image_key, load_manifest, load_refused, sync_prefix
 from tests.conftest import png_bytes, write_digits
 
 

@@ -8,14 +8,14 @@ import logging
 import pytest
 
 from darkroom.config import RetrainConfig
-from darkroom.storage import StorageError, StorageSetupError
-from darkroom.sync import (
+from darkroom.data.sync import (
     MAX_FAILED_REASONS,
     SyncDenied,
     SyncIncomplete,
     SyncReport,
     check_complete,
 )
+from darkroom.storage import StorageError, StorageSetupError
 
 WHERE = "s3://b/p/labeled/"
 
@@ -55,7 +55,7 @@ def test_message_names_the_first_few_keys_and_counts_the_rest():
 
 def test_losses_under_the_threshold_go_on_with_a_warning(caplog):
     report = _report(30, 2)
-    with caplog.at_level(logging.WARNING, logger="darkroom.sync"):
+    with caplog.at_level(logging.WARNING, logger="darkroom.data.sync"):
         check_complete(report, WHERE, 0.1)
     assert "2 of 30 objects" in caplog.text and "left out of this run" in caplog.text
     assert "failed 2 (left out of the manifest)" in report.summary()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from botocore.utils import parse_timestamp
 
-from darkroom.s3 import _is_md5_etag, _timestamp
+from darkroom.storage.s3 import _is_md5_etag, _timestamp
 
 
 @pytest.mark.parametrize(

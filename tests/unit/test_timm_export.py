@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from darkroom.data import build_transform, read_rgb
-from darkroom.model import hub_config, mean_std, to_bytes
+from darkroom.data.images import build_transform, read_rgb
+from darkroom.model.backbone import hub_config, mean_std, to_bytes
 
 CLASSES = ["zero", "one", "two"]
 SIZE = 32
@@ -211,7 +211,7 @@ def test_a_trained_version_loads_in_timm_and_agrees_with_darkroom_scoring(local_
     API and transforms, gives darkroom's top-1 on every scored image."""
     from darkroom import layout
     from darkroom.config import ScoreConfig
-    from darkroom.scoring import pending_chunks, read_predictions, score_chunk
+    from darkroom.scoring.chunks import pending_chunks, read_predictions, score_chunk
     from tests.conftest import TINY, train_candidate, write_digits
 
     write_digits(local_storage, classes=("0", "1", "2"), per_class=15, incoming=120)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from darkroom import train
 from darkroom.config import RetrainConfig
-from darkroom.fit import NonFiniteLoss
-from darkroom.index import rebuild_index
-from darkroom.lr_finder import find_lr
-from darkroom.model import sha256
-from darkroom.sync import sync_labeled
+from darkroom.data.index import rebuild_index
+from darkroom.data.sync import sync_labeled
+from darkroom.model.backbone import sha256
+from darkroom.training import fold as train
+from darkroom.training.fit import NonFiniteLoss
+from darkroom.training.lr_finder import find_lr
 from tests.conftest import TINY, write_digits
 
 

@@ -8,11 +8,12 @@ import json
 
 import numpy as np
 
-from darkroom import layout, scoring
+from darkroom import layout
 from darkroom.config import ScoreConfig
-from darkroom.scoring import chunk_id, pending_chunks, write_predictions
+from darkroom.scoring import chunks as scoring
+from darkroom.scoring.chunks import chunk_id, pending_chunks, write_predictions
+from darkroom.scoring.watch import check_incoming, read_announced
 from darkroom.storage import LocalStorage
-from darkroom.watch import check_incoming, read_announced
 from tests.conftest import png_bytes
 
 

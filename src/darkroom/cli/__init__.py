@@ -1,0 +1,1 @@
+"""The ``darkroom`` command line: commands, flags made from the configs, the demo, the temporary server, serve."""

@@ -1,0 +1,1 @@
+"""timm backbones: building, saving and loading them, running a saved version, and its metrics."""

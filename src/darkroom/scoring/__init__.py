@@ -1,0 +1,1 @@
+"""Scoring what arrives: planning chunks, the ledger of what is scored, compaction, and the watcher."""
