@@ -40,14 +40,14 @@ TASKS = [
 # Pieces of a fold: "fit: " inside ``fit`` (around its epochs), "fold: " in train_fold around
 # ``fit``, "finalize: " inside the finalize task.
 STEPS = [
-    ("fold: fit", "darkroom.training.fold", None, "fit"),
-    ("fit: Trainer.build (model, loaders)", "darkroom.training.fit", "Trainer", "build"),
+    ("fold: fit", "darkroom.training.fold", None, "fit_run"),
+    ("fit: Trainer.build (model, loaders)", "darkroom.training.trainer", "Trainer", "build"),
     ("fit: checkpoint saves", "darkroom.training.checkpoint", "SaveSchedule", "save"),
     ("fit: checkpoint saves", "darkroom.training.fit", "Trainer", "save"),  # before SaveSchedule
     ("fit: checkpoint load", "darkroom.training.fold", "StorageCheckpointer", "load"),
     ("fit: on_epoch (progress artifact, log)", "tasks.train", "EpochProgress", "__call__"),
-    ("fit: Trainer.result (best weights)", "darkroom.training.fit", "Trainer", "result"),
-    ("fit: Trainer.close (stop workers)", "darkroom.training.fit", "Trainer", "close"),
+    ("fit: Trainer.result (best weights)", "darkroom.training.trainer", "Trainer", "result"),
+    ("fit: Trainer.close (stop workers)", "darkroom.training.trainer", "Trainer", "close"),
     ("fold: local paths (_fold_data)", "darkroom.training.fold", None, "_fold_data"),
     ("fold: release_memory (gc)", "darkroom.training.fold", None, "release_memory"),
     ("fold: weights to safetensors", "darkroom.training.fold", None, "to_bytes"),
@@ -57,8 +57,8 @@ STEPS = [
         None,
         "_finish_fold",
     ),
-    ("finalize: plots and oof reports", "darkroom.training.fold", None, "_write_reports"),
-    ("finalize: timm configs", "darkroom.training.fold", None, "_write_timm_configs"),
+    ("finalize: plots and oof reports", "darkroom.training.candidate", None, "_write_reports"),
+    ("finalize: timm configs", "darkroom.training.candidate", None, "_write_timm_configs"),
 ]
 
 

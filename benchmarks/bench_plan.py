@@ -41,7 +41,7 @@ BUCKET = "darkroom-plan"
 # the parent's peak across exec), as JSON on the last line.
 CHILD = """
 import json, sys, time
-from darkroom.scoring.chunks import StreamedPlan
+from darkroom.scoring.plan import StreamedPlan
 from darkroom.storage import open_storage
 def hwm():
     status = open("/proc/self/status").read().split("VmHWM:")[1]
@@ -112,13 +112,14 @@ def write_history(storage, listed, rows: int, threads: int = 1) -> float:
 
     from darkroom.config import ScoreConfig
     from darkroom.scoring import chunks as scoring
+    from darkroom.scoring import plan as planning
 
     def write(item) -> None:
         version, pairs = item
         probs = np.full((len(pairs), 2), 0.5, np.float32)
         ok = np.ones(len(pairs), bool)
         table = scoring.predictions_table(version, ["a", "b"], pairs, probs, ok, {}, ScoreConfig())
-        scoring.write_predictions(storage, version, scoring.chunk_id(pairs), table)
+        scoring.write_predictions(storage, version, planning.chunk_id(pairs), table)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -128,7 +129,7 @@ def write_history(storage, listed, rows: int, threads: int = 1) -> float:
 
 def listed(storage) -> tuple[list[tuple[str, str]], float]:
     """The incoming (key, etag) pairs and the seconds a bare listing took."""
-    from darkroom.data.sync import is_image_key
+    from darkroom.data.names import is_image_key
 
     t0 = time.perf_counter()
     pairs = [(o.key, o.etag) for o in storage.list("incoming/") if is_image_key(o.key)]

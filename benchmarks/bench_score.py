@@ -71,7 +71,8 @@ def make_champion(folder: Path, n_incoming: int, device: str) -> tuple[object, s
     from darkroom.data.sync import sync_labeled
     from darkroom.registry import pointer
     from darkroom.storage import open_storage
-    from darkroom.training.fold import finalize_candidate, train_fold
+    from darkroom.training.candidate import finalize_candidate
+    from darkroom.training.fold import train_fold
 
     storage = open_storage(f"file://{folder / 'bucket'}")
     _write_images(storage, n_incoming)
@@ -106,7 +107,8 @@ def side_by_side(loaded, storage, config, version: str) -> tuple[float, float, i
     import torch
 
     from darkroom import layout
-    from darkroom.scoring.chunks import pending_chunks, score_chunk
+    from darkroom.scoring.chunks import score_chunk
+    from darkroom.scoring.plan import pending_chunks
 
     size, bs = loaded.meta["image_size"], config.batch_size
     batches = [

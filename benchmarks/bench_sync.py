@@ -158,7 +158,8 @@ def measure(endpoint: str, work: Path, n: int) -> dict:
     sides of a ratio alike."""
     import boto3
 
-    from darkroom.data.sync import default_threads, sync_prefix
+    from darkroom.data.fetch import default_threads
+    from darkroom.data.sync import sync_prefix
     from darkroom.storage import open_storage
 
     storage = open_storage(f"s3://{BUCKET}")

@@ -39,9 +39,9 @@ from darkroom.config import TrainConfig
 from darkroom.data.cache import DecodedCache
 from darkroom.data.images import ImageDataset, build_transform
 from darkroom.training.feed import DecodedImages, close_loaders, resolve_workers
-from darkroom.training.fit import Trainer
 from darkroom.training.records import FoldData
 from darkroom.training.steps import train_one_epoch
+from darkroom.training.trainer import Trainer
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLASSES = 10

@@ -17,8 +17,9 @@ from darkroom.registry import pointer
 from darkroom.registry.promotion import METRICS_SHOWN
 from darkroom.storage import lease, open_storage
 from darkroom.training.records import FoldSummary
-from tasks.common import ensure_gpu_limit, flow_options, visible_gpus
+from tasks.gpus import ensure_gpu_limit, visible_gpus
 from tasks.index import data_changes, rebuild_index
+from tasks.naming import flow_options
 from tasks.promotion import evaluate_candidate, promote_candidate
 from tasks.reporting import publish_data_changes, publish_retrain
 from tasks.runners import (
@@ -51,17 +52,17 @@ def _retrain(config: RetrainConfig) -> dict:
     if version is None:
         return {**result, "skipped": True, "version": _version_of(config, index)}
     folds = train_folds(config, index.snapshot, version)
-    finalize_candidate(config, index.snapshot, version, folds)
+    candidate = finalize_candidate(config, index.snapshot, version, folds)
     outcome = evaluate_candidate(config, index.snapshot, version)
-    outcome, metrics = promote_candidate(config, outcome, [f.metrics for f in folds])
-    publish_retrain(config.storage, outcome, folds, metrics)
+    outcome, _ = promote_candidate(config, outcome, [f.metrics for f in folds])
+    publish_retrain(config.storage, outcome, folds, candidate)
     return {
         **result,
         "skipped": False,
         "version": version,
         "promoted": outcome.promoted,
         "decision": asdict(outcome.decision),
-        "cv": metrics["cv"],
+        "cv": candidate.cv,
         "holdout": {m: outcome.holdout[m] for m in METRICS_SHOWN},
     }
 
@@ -86,7 +87,7 @@ def candidate_version(config: RetrainConfig, index: IndexResult) -> str | None:
     version = _version_of(config, index)
     champion, _ = pointer.read_champion(open_storage(config.storage))
     if not config.force:
-        if champion and champion["version"] == version:
+        if champion and champion.version == version:
             get_run_logger().info(
                 "labeled data and config unchanged since champion %s: nothing to train "
                 "(use force to retrain anyway)",

@@ -10,11 +10,10 @@ from prefect import flow, get_run_logger
 
 from darkroom import layout
 from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
-from darkroom.registry import pointer
-from darkroom.scoring import compaction
-from darkroom.scoring.chunks import ChunkResult, StreamedPlan, chunk_id
-from darkroom.storage import Storage, lease, open_storage
-from tasks.common import flow_options
+from darkroom.scoring.chunks import ChunkResult
+from darkroom.scoring.plan import StreamedPlan, chunk_id
+from darkroom.storage import lease, open_storage
+from tasks.naming import flow_options
 from tasks.reporting import publish_scoring
 from tasks.runners import (
     chunk_resources,
@@ -23,7 +22,7 @@ from tasks.runners import (
     running,
     submit_bounded,
 )
-from tasks.scoring import score_chunk
+from tasks.scoring import finish_compactions, plan_chunks, read_champion, score_chunk
 
 
 class NoChampion(RuntimeError):
@@ -36,16 +35,16 @@ def score_new_images(config: ScoreConfig = ScoreConfig(), rescore: bool = False)
     current champion has not scored (older versions' predictions stay)."""
     storage = open_storage(config.storage)
     with lease.held(storage, "score", config.lease_seconds):
-        return _score(storage, config, rescore)
+        version = read_champion(config)  # read once: a promotion mid-run does not mix versions
+        if version is None:
+            where = storage.url(layout.CHAMPION)
+            raise NoChampion(f"no champion at {where}: run a retrain first")
+        return _score(config, version, rescore)
 
 
-def _score(storage: Storage, config: ScoreConfig, rescore: bool) -> dict:
-    champion, _ = pointer.read_champion(storage)
-    if champion is None:
-        raise NoChampion(f"no champion at {storage.url(layout.CHAMPION)}: run a retrain first")
-    version = champion["version"]  # read once: a promotion mid-run does not mix versions
-    compaction.finish(storage)  # a compaction stopped half-way: its duplicates go first
-    plan = StreamedPlan(storage, version, config.chunk_size, rescore)
+def _score(config: ScoreConfig, version: str, rescore: bool) -> dict:
+    finish_compactions(config)  # a compaction stopped half-way: its duplicates go first
+    plan = plan_chunks(config, version, rescore)
     chunks = plan.chunks()
     first = next(chunks, None)  # nothing to score: no runner (no Ray) is started
     summary = Summary(version)

@@ -16,7 +16,7 @@ from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, Settings, temporary_settings
 from pydantic import TypeAdapter
 
-from tasks.common import ensure_gpu_limit, visible_gpus
+from tasks.gpus import ensure_gpu_limit, visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (or image) holding deployments/
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"

@@ -8,7 +8,8 @@ from darkroom.config import RetrainConfig
 from darkroom.data import index
 from darkroom.registry import changes as index_diff
 from darkroom.storage import open_storage
-from tasks.common import io_task, log_progress
+from tasks.progress import log_progress
+from tasks.retry import io_task
 
 
 @io_task(name="rebuild-index", retries=2, retry_delay_seconds=10)

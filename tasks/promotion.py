@@ -8,7 +8,7 @@ from prefect import get_run_logger
 from darkroom.config import RetrainConfig
 from darkroom.registry import promotion
 from darkroom.storage import open_storage
-from tasks.common import io_task
+from tasks.retry import io_task
 
 
 @io_task(task_run_name="evaluate-{version}", retries=2, retry_delay_seconds=10)

@@ -20,7 +20,7 @@ from darkroom.storage import Storage, open_storage
 if TYPE_CHECKING:  # torch-heavy modules: a flow's start-up does not load them for hints
     from darkroom.registry.changes import DataChanges
     from darkroom.registry.promotion import Outcome
-    from darkroom.training.records import FoldSummary
+    from darkroom.training.records import CandidateReport, FoldSummary
 
 PLOTS = ("curves.png", "confusion.png", "per_class.png", "mistakes.png")
 PROMOTED, REJECTED = "darkroom.model.promoted", "darkroom.model.rejected"
@@ -28,7 +28,7 @@ PROMOTED, REJECTED = "darkroom.model.promoted", "darkroom.model.rejected"
 
 @task(name="publish-retrain", cache_policy=NO_CACHE)
 def publish_retrain(
-    storage_uri: str, outcome: Outcome, folds: list[FoldSummary], metrics: dict
+    storage_uri: str, outcome: Outcome, folds: list[FoldSummary], candidate: CandidateReport
 ) -> None:
     """The fold table and the decision as artifacts, and a promoted/rejected event."""
     from darkroom.registry.promotion import METRICS_SHOWN
@@ -47,7 +47,7 @@ def publish_retrain(
         rows, key="fold-metrics", description=f"Per-fold validation metrics of {outcome.version}"
     )
     create_markdown_artifact(
-        decision_markdown(storage, outcome, metrics["cv"]),
+        decision_markdown(storage, outcome, candidate.cv),
         key="promotion-decision",
         description=f"Promotion decision for {outcome.version}",
     )

@@ -15,7 +15,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from darkroom.ops import stopping
 from darkroom.ops.cores import usable_cores
-from tasks.common import visible_gpus
+from tasks.gpus import visible_gpus
 
 if TYPE_CHECKING:
     from prefect.task_runners import TaskRunner

@@ -7,7 +7,8 @@ from prefect import get_run_logger
 from darkroom.config import RetrainConfig
 from darkroom.data import sync
 from darkroom.storage import open_storage
-from tasks.common import io_task, log_progress
+from tasks.progress import log_progress
+from tasks.retry import io_task
 
 
 @io_task(name="sync-labeled")

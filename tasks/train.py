@@ -10,8 +10,12 @@ from darkroom.config import RetrainConfig
 from darkroom.model import backbone as model
 from darkroom.model.backbone import resolve_device
 from darkroom.storage import open_storage
+from darkroom.training import candidate
 from darkroom.training import fold as train
-from tasks.common import gpu_slot, io_task, progress_bar
+from darkroom.training.records import CandidateReport, EpochRow
+from tasks.gpus import gpu_slot
+from tasks.progress import progress_bar
+from tasks.retry import io_task
 
 
 @task(name="check-pretrained-weights", cache_policy=NO_CACHE)
@@ -50,35 +54,35 @@ class EpochProgress:
         self.bar = progress_bar(f"fold {fold + 1}/{folds}", unit="epoch", position=fold)
         self.artifact = None
 
-    def __call__(self, row: dict) -> None:
-        e = row["epoch"] + 1
+    def __call__(self, row: EpochRow) -> None:
+        e = row.epoch + 1
         if self.bar is not None:
             self.bar(
                 e,
                 self.epochs,
-                loss=f"{row['train_loss']:.4f}",
-                val_loss=f"{row['val_loss']:.4f}",
-                val_acc=f"{row['val_accuracy']:.4f}",
+                loss=f"{row.train_loss:.4f}",
+                val_loss=_shown(row.val_loss),
+                val_acc=_shown(row.val_accuracy),
             )
         else:
             self.logger.info(
-                "fold %d/%d epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f "
-                "f1 %.4f (%.1fs)",
+                "fold %d/%d epoch %d/%d: train loss %.4f acc %.4f | val loss %s acc %s "
+                "f1 %s (%.1fs)",
                 self.fold + 1,
                 self.folds,
                 e,
                 self.epochs,
-                row["train_loss"],
-                row["train_accuracy"],
-                row["val_loss"],
-                row["val_accuracy"],
-                row["val_f1_macro"],
-                row["seconds"],
+                row.train_loss,
+                row.train_accuracy,
+                _shown(row.val_loss),
+                _shown(row.val_accuracy),
+                _shown(row.val_f1_macro),
+                row.seconds,
             )
         self._artifact(row)
 
-    def _artifact(self, row: dict) -> None:
-        e = row["epoch"] + 1
+    def _artifact(self, row: EpochRow) -> None:
+        e = row.epoch + 1
         pct = 100.0 * e / self.epochs
         which = (
             f"fold {self.fold + 1} of {self.folds}"
@@ -87,10 +91,10 @@ class EpochProgress:
         )
         text = (
             f"train-fold-{self.fold}: {which}, epoch {e} of "
-            f"{self.epochs} on {self.device} | val accuracy {row['val_accuracy']:.4f}, "
-            f"val F1 {row['val_f1_macro']:.4f}, val loss {row['val_loss']:.4f}, "
-            f"train loss {row['train_loss']:.4f}, train accuracy "
-            f"{row['train_accuracy']:.4f}, lr {row['lr']:.2e}, {row['seconds']:.1f}s/epoch"
+            f"{self.epochs} on {self.device} | val accuracy {_shown(row.val_accuracy)}, "
+            f"val F1 {_shown(row.val_f1_macro)}, val loss {_shown(row.val_loss)}, "
+            f"train loss {row.train_loss:.4f}, train accuracy "
+            f"{row.train_accuracy:.4f}, lr {row.lr:.2e}, {row.seconds:.1f}s/epoch"
         )
         try:  # the artifact is for people: it must never fail a fold
             if self.artifact is None:
@@ -105,9 +109,14 @@ class EpochProgress:
             self.bar.close()
 
 
+def _shown(value: float | None) -> str:
+    """A validation number, or a dash for the refit (no validation images)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 @io_task(name="finalize-candidate", retries=2, retry_delay_seconds=10)
 def finalize_candidate(
     config: RetrainConfig, snapshot: str, version: str, folds: list[train.FoldSummary]
-) -> dict:
+) -> CandidateReport:
     storage = open_storage(config.storage)
-    return train.finalize_candidate(storage, config.train, snapshot, version, folds)
+    return candidate.finalize_candidate(storage, config.train, snapshot, version, folds)

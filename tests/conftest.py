@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
+import zlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -94,7 +99,8 @@ def train_candidate(storage: Storage, cache_dir, train: TrainConfig = TINY) -> s
     from darkroom.data.index import rebuild_index
     from darkroom.data.sync import sync_labeled
     from darkroom.registry import pointer
-    from darkroom.training.fold import finalize_candidate, train_fold
+    from darkroom.training.candidate import finalize_candidate
+    from darkroom.training.fold import train_fold
 
     config = RetrainConfig(storage=storage.uri, cache_dir=str(cache_dir), device="cpu", train=train)
     sync_labeled(storage, config)
@@ -132,3 +138,97 @@ def finished_task_runs(
         if sum(r["end_time"] is not None for r in runs) >= count or time.monotonic() > deadline:
             return runs
         time.sleep(0.5)
+
+
+# ---- photos of several sizes and formats (the decode-once cache and its feed) ----------------
+
+
+def photo(path: Path, w: int, h: int, seed: int, ext: str = ".jpg") -> tuple[str, str]:
+    """A structured image (gradient, a disc, noise); returns (its content hash, its path)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], -1).astype(np.uint8)
+    cv2.circle(
+        img, (w // 3, h // 2), min(w, h) // 4, tuple(int(c) for c in rng.integers(0, 255, 3)), -1
+    )
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    assert cv2.imwrite(str(path.with_suffix(ext)), img)
+    data = path.with_suffix(ext).read_bytes()
+    return hashlib.sha256(data).hexdigest(), str(path.with_suffix(ext))
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Three JPEGs (one large enough for a reduced-scale decode) and a PNG."""
+    sizes = [(640, 480), (200, 150), (96, 128)]
+    out = [photo(tmp_path / f"p{i}", w, h, i) for i, (w, h) in enumerate(sizes)]
+    out.append(photo(tmp_path / "p3", 90, 60, 3, ".png"))
+    ids, paths = zip(*out, strict=True)
+    return list(ids), list(paths)
+
+
+def entries_on_disk(root: Path) -> list[Path]:
+    return sorted(root.glob("v*/*/*/*.npy"))
+
+
+# ---- data, model, scoring and storage tests (tests/unit/{data,scoring,storage}, tests/e2e) ----
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def huge_png(path, width: int = 30000, height: int = 30000) -> None:
+    """A black 8-bit grey PNG, compressed one scanline at a time: the file is under 1 MB and
+    writing it needs one row of memory (decoding it would need width x height bytes)."""
+    z = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then black pixels
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
+        for _ in range(height):
+            if data := z.compress(row):
+                f.write(_png_chunk(b"IDAT", data))
+        f.write(_png_chunk(b"IDAT", z.flush()) + _png_chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory):
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    huge_png(path)
+    assert path.stat().st_size < 1_000_000
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The tiny timm test model for the classes "0", "1", "2", untrained, and its model.json."""
+    import torch
+
+    from darkroom.model.backbone import create_model, mean_std
+
+    torch.manual_seed(0)
+    model = create_model(TINY, 3, pretrained=False).eval()
+    mean, std = mean_std(model)
+    meta = {
+        "classes": ["0", "1", "2"],
+        "image_size": TINY.image_size,
+        "mean": mean,
+        "std": std,
+        "train_config": TINY.model_dump(mode="json"),
+    }
+    return model, meta
+
+
+def plant_lease(storage, name: str, host: str, pid: int, seconds: float) -> None:
+    """A lease as another run would have left it."""
+    now = datetime.now(UTC)
+    storage.write_json(
+        f"leases/{name}.json",
+        {
+            "name": name,
+            "holder": {"host": host, "pid": pid},
+            "acquired_at": now.isoformat(),
+            "expires_at": (now + timedelta(seconds=seconds)).isoformat(),
+        },
+    )

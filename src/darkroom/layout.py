@@ -99,6 +99,10 @@ def quarantine(run: str) -> str:
     return f"{REPORTS}quarantine/{run}.parquet"
 
 
+def label_issues(version_id: str) -> str:
+    return f"{REPORTS}label_issues/{version_id}.parquet"
+
+
 def lr_finder(snapshot: str, fingerprint: str, ext: str) -> str:
     return f"{REPORTS}lr_finder/{snapshot[:8]}-{fingerprint[:8]}.{ext}"
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-import tasks.common as common
+import tasks.gpus as gpus
+import tasks.progress as progress
 import tasks.runners as runners
 from darkroom.config import RetrainConfig, ScoreConfig
 
@@ -20,24 +21,24 @@ class Tty(io.StringIO):
 
 
 def test_bars_only_on_a_terminal_outside_ci(monkeypatch):
-    monkeypatch.setattr(common.sys, "stderr", Tty())
+    monkeypatch.setattr(progress.sys, "stderr", Tty())
     monkeypatch.delenv("CI", raising=False)
-    assert common.interactive()
+    assert progress.interactive()
     for ci in ("true", "1", "yes"):
         monkeypatch.setenv("CI", ci)
-        assert not common.interactive() and common.progress_bar("x") is None
+        assert not progress.interactive() and progress.progress_bar("x") is None
     monkeypatch.setenv("CI", "false")
-    assert common.interactive()
-    monkeypatch.setattr(common.sys, "stderr", io.StringIO())  # piped: CI logs, workers
-    assert not common.interactive()
+    assert progress.interactive()
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())  # piped: CI logs, workers
+    assert not progress.interactive()
 
 
 def test_the_bar_shows_count_rate_and_eta(monkeypatch):
     out = Tty()
-    monkeypatch.setattr(common.sys, "stderr", out)
+    monkeypatch.setattr(progress.sys, "stderr", out)
     monkeypatch.delenv("CI", raising=False)
-    cb = common.log_progress("indexing images")  # what sync/index tasks get on a terminal
-    assert isinstance(cb, common.ProgressBar)
+    cb = progress.log_progress("indexing images")  # what sync/index tasks get on a terminal
+    assert isinstance(cb, progress.ProgressBar)
     for done in range(1, 51):
         cb(done, 50)
         time.sleep(0.002)
@@ -49,9 +50,9 @@ def test_the_bar_shows_count_rate_and_eta(monkeypatch):
 
 def test_epoch_bar_shows_metrics(monkeypatch):
     out = Tty()
-    monkeypatch.setattr(common.sys, "stderr", out)
+    monkeypatch.setattr(progress.sys, "stderr", out)
     monkeypatch.delenv("CI", raising=False)
-    bar = common.progress_bar("fold 1/5", unit="epoch")
+    bar = progress.progress_bar("fold 1/5", unit="epoch")
     bar(1, 3, val_acc="0.9000")
     bar.close()
     assert "fold 1/5" in out.getvalue() and "val_acc=0.9000" in out.getvalue()
@@ -59,10 +60,10 @@ def test_epoch_bar_shows_metrics(monkeypatch):
 
 def test_cpu_or_a_pinned_device_takes_no_gpu_slot():
     for device in ("cpu", "cuda:1"):
-        with common.gpu_slot(device) as dev:
+        with gpus.gpu_slot(device) as dev:
             assert dev == device
-    if common.visible_gpus() == 0:
-        with common.gpu_slot("auto") as dev:
+    if gpus.visible_gpus() == 0:
+        with gpus.gpu_slot("auto") as dev:
             assert dev == "auto"
 
 
@@ -73,7 +74,7 @@ def test_each_concurrent_fold_gets_its_own_gpu(monkeypatch, tmp_path):
     peak = [0]
 
     def fold(k):
-        with common._claim_gpu(2, poll_seconds=0.01) as gpu:
+        with gpus._claim_gpu(2, poll_seconds=0.01) as gpu:
             with lock:
                 assert gpu not in holding.values()  # never two folds on one GPU
                 holding[k] = gpu
@@ -97,21 +98,21 @@ def test_visible_gpus_follows_torch(monkeypatch, device):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert common.visible_gpus(device) == 4
-    assert common.visible_gpus("cpu") == 0
+    assert gpus.visible_gpus(device) == 4
+    assert gpus.visible_gpus("cpu") == 0
 
 
 def test_on_a_ray_worker_a_fold_takes_neither_a_slot_nor_a_lock(monkeypatch):
     """Ray gave the task its GPU (CUDA_VISIBLE_DEVICES): no global limit, no lock files."""
-    assert not common.on_ray_worker()  # this process is no Ray worker
-    monkeypatch.setattr(common, "visible_gpus", lambda device="auto": 2)
-    monkeypatch.setattr(common, "on_ray_worker", lambda: True)
+    assert not gpus.on_ray_worker()  # this process is no Ray worker
+    monkeypatch.setattr(gpus, "visible_gpus", lambda device="auto": 2)
+    monkeypatch.setattr(gpus, "on_ray_worker", lambda: True)
 
     def no_limit(*a, **k):
         raise AssertionError("a Ray task must not touch the darkroom-gpu limit")
 
-    monkeypatch.setattr(common, "ensure_gpu_limit", no_limit)
-    with common.gpu_slot("auto") as dev:
+    monkeypatch.setattr(gpus, "ensure_gpu_limit", no_limit)
+    with gpus.gpu_slot("auto") as dev:
         assert dev == "auto"
 
 

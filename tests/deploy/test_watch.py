@@ -34,10 +34,10 @@ def crown(storage, version="v1"):
 
 def test_no_event_without_new_images_or_without_a_champion(local_storage):
     emit = Recorder()
-    assert not check_incoming(local_storage, emit)["emitted"]  # empty incoming/
+    assert not check_incoming(local_storage, emit).emitted  # empty incoming/
     add(local_storage, "a", "b")
     result = check_incoming(local_storage, emit)  # nothing to score them with yet
-    assert not result["emitted"] and result["new"] == 2 and emit.events == []
+    assert not result.emitted and result.new == 2 and emit.events == []
     assert not local_storage.exists(STATE)  # they stay new until there is a champion
 
 
@@ -46,18 +46,18 @@ def test_one_event_per_tick_with_the_count_of_new_images(local_storage):
     crown(local_storage)
     add(local_storage, "a", "b", "c")
     local_storage.put_source_object("incoming/notes.txt", b"not an image")
-    assert check_incoming(local_storage, emit)["emitted"]
+    assert check_incoming(local_storage, emit).emitted
     (e,) = emit.events
     assert e["event"] == ARRIVED and e["payload"]["count"] == 3
     assert e["resource"] == {"prefect.resource.id": resource_id(local_storage)}
     assert e["resource"]["prefect.resource.id"] == f"darkroom.storage.{local_storage.uri}"
     assert sorted(e["payload"]["keys"]) == [f"incoming/{n}.png" for n in "abc"]
 
-    assert not check_incoming(local_storage, emit)["emitted"]  # the next tick: nothing new
+    assert not check_incoming(local_storage, emit).emitted  # the next tick: nothing new
     assert len(emit.events) == 1
 
     add(local_storage, "d", "e")
-    assert check_incoming(local_storage, emit)["new"] == 2
+    assert check_incoming(local_storage, emit).new == 2
     assert [e["payload"]["count"] for e in emit.events] == [3, 2]
 
 

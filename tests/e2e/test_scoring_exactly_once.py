@@ -132,4 +132,4 @@ def test_a_promotion_during_a_run_does_not_change_its_version(scored_root, tmp_p
     assert len(preds) == INCOMING and set(preds["model_version"]) == {champion}
     assert not list(storage.list(f"predictions/{challenger}/")), out[-2000:]
     # the next run uses the new champion, for new images only unless asked to rescore
-    assert pointer.read_champion(storage)[0]["version"] == challenger
+    assert pointer.read_champion(storage)[0].version == challenger

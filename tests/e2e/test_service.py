@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import tasks.common as common
+import tasks.gpus as gpus
 from darkroom.scoring.chunks import read_predictions
 from tests.conftest import write_digits
 from tests.e2e.service import shared_service
@@ -116,14 +116,14 @@ def test_gpu_slots_never_exceed_the_gpus(service, monkeypatch, tmp_path):
     mocked), 4 folds never hold more than 2 slots, never two on one GPU."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    monkeypatch.setattr(common, "visible_gpus", lambda device="auto": 2)
+    monkeypatch.setattr(gpus, "visible_gpus", lambda device="auto": 2)
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
     holding: dict[int, str] = {}
     peak, lock, errors = [0], threading.Lock(), []
 
     def fold(k):
         try:
-            with common.gpu_slot("auto", poll_seconds=0.05) as dev:
+            with gpus.gpu_slot("auto", poll_seconds=0.05) as dev:
                 with lock:
                     assert dev not in holding.values()
                     holding[k] = dev

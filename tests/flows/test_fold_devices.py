@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import tasks.common as common
+import tasks.gpus as slots
 import tasks.runners as runners
 from darkroom.config import RetrainConfig
 
@@ -19,7 +19,7 @@ def test_folds_on_two_gpus_each_never_share_one(monkeypatch, tmp_path):
     seen, lock, peak = [], threading.Lock(), [0]
 
     def fold(k):
-        with common._claim_gpus(5, 2, poll_seconds=0.01) as gpus:
+        with slots._claim_gpus(5, 2, poll_seconds=0.01) as gpus:
             with lock:
                 taken = [g for held in holding.values() for g in held]
                 assert len(set(gpus)) == 2 and not set(gpus) & set(taken)
@@ -40,8 +40,8 @@ def test_folds_on_two_gpus_each_never_share_one(monkeypatch, tmp_path):
 
 
 def test_a_fold_on_more_gpus_than_the_machine_has_is_refused(monkeypatch):
-    monkeypatch.setattr(common, "visible_gpus", lambda device="auto": 2)
-    slot = common.gpu_slot("auto", count=4)
+    monkeypatch.setattr(slots, "visible_gpus", lambda device="auto": 2)
+    slot = slots.gpu_slot("auto", count=4)
     with pytest.raises(ValueError, match="a fold on 4 GPUs .* this machine has 2"), slot:
         pass
 

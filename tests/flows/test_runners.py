@@ -15,8 +15,9 @@ from darkroom.config import RetrainConfig, ScoreConfig
 from darkroom.registry import pointer
 from darkroom.scoring import chunks as scoring
 from darkroom.scoring.chunks import read_predictions
+from darkroom.scoring.plan import StreamedPlan
 from darkroom.storage import LocalStorage
-from flows.score import StreamedPlan, score_new_images
+from flows.score import score_new_images
 from tasks.runners import submit_bounded, task_runner
 from tests.conftest import TINY, train_candidate, write_digits
 

@@ -16,11 +16,13 @@ import pytest
 
 from darkroom import layout
 from darkroom.config import RetrainConfig, ScoreConfig
+from darkroom.data.fetch import load_manifest
 from darkroom.data.index import read_index, rebuild_index
-from darkroom.data.sync import SyncDenied, SyncIncomplete, load_manifest, sync_labeled
+from darkroom.data.sync import SyncDenied, SyncIncomplete, sync_labeled
 from darkroom.registry import pointer
 from darkroom.registry.promotion import judge, promote_candidate, record_candidate
-from darkroom.scoring.chunks import pending_chunks, read_predictions, score_chunk
+from darkroom.scoring.chunks import read_predictions, score_chunk
+from darkroom.scoring.plan import pending_chunks
 from darkroom.storage import StorageError, open_storage
 from darkroom.storage.s3 import S3Storage
 from darkroom.training.fold import train_fold
@@ -126,7 +128,7 @@ def _pipeline(storage, cache_dir) -> dict:
     record_candidate(storage, outcome, [f.metrics for f in folds])
     outcome = promote_candidate(storage, outcome)
     champion, _ = pointer.read_champion(storage)
-    model = champion["version"] if champion else version
+    model = champion.version if champion else version
     score = ScoreConfig(storage=storage.uri, cache_dir=str(cache_dir), device="cpu", chunk_size=4)
     plan = pending_chunks(storage, model, score.chunk_size)
     for chunk in plan.chunks:
@@ -138,7 +140,7 @@ def _pipeline(storage, cache_dir) -> dict:
         "fold_sha256": [f.sha256 for f in folds],
         "model_sha256": storage.read_json(layout.version(version, "model.json"))["sha256"],
         "decision": (outcome.promoted, outcome.decision.rule),
-        "champion": champion and champion["version"],
+        "champion": champion and champion.version,
         "chunks": len(plan.chunks),
         "labels": dict(zip(predictions["key"], predictions["label"], strict=True)),
         "status": sorted(set(predictions["status"])),

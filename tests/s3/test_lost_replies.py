@@ -38,16 +38,16 @@ def test_a_promotion_whose_reply_is_lost_still_promotes_and_records(s3_faulty):
     assert _puts(proxy) - before >= 3  # the lost PUT, boto's retry of it, the history record
 
     champion, etag = pointer.read_champion(storage)
-    assert champion["version"] == "v1"
-    assert [r["version"] for r in pointer.history(storage)] == ["v1"]
+    assert champion.version == "v1"
+    assert [r.version for r in pointer.history(storage)] == ["v1"]
 
     # The same with If-Match: replacing a champion.
     proxy.lose_writes = {layout.CHAMPION: 1}
     pointer.promote(storage, "v2", expected_etag=etag, action="promote", reason="better")
     assert proxy.faults() == {"lost": 2}
-    assert pointer.read_champion(storage)[0]["version"] == "v2"
+    assert pointer.read_champion(storage)[0].version == "v2"
     assert pointer.lineage(pointer.history(storage)) == ["v1", "v2"]
-    assert pointer.rollback(storage)["version"] == "v1"  # the chain is whole
+    assert pointer.rollback(storage).version == "v1"  # the chain is whole
 
 
 def test_a_rival_write_is_still_refused(s3_faulty):
@@ -61,7 +61,7 @@ def test_a_rival_write_is_still_refused(s3_faulty):
         pointer.promote(storage, "v3", expected_etag=etag, action="promote", reason="stale")
     with pytest.raises(PreconditionFailed):  # If-None-Match on an object that exists
         storage.write_json(layout.CHAMPION, {"version": "v3"}, if_none_match=True)
-    assert pointer.read_champion(storage)[0]["version"] == "v2"
+    assert pointer.read_champion(storage)[0].version == "v2"
 
 
 def test_a_lease_whose_reply_is_lost_is_taken_and_renewed(s3_faulty):

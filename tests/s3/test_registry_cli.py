@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 
 from darkroom import layout
-from darkroom.cli import main
+from darkroom.cli.main import main
 from darkroom.config import ScoreConfig
 from darkroom.registry import pointer as registry
-from darkroom.scoring.chunks import pending_chunks, score_chunk
+from darkroom.scoring.chunks import score_chunk
+from darkroom.scoring.plan import pending_chunks
 from darkroom.storage import open_storage
 from tests.conftest import LEARNS, train_candidate, write_digits
 
@@ -49,7 +50,7 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     assert code == 0 and "no champion yet" in out, out
     code, out = run(capsys, "promote", b, *common, "--min-delta", "2")  # impossible margin
     assert code == 1 and "not promoted" in out
-    assert registry.read_champion(storage)[0]["version"] == a
+    assert registry.read_champion(storage)[0].version == a
     code, out = run(capsys, "promote", b, *common, "--force")
     assert code == 0 and f"champion is now {b}" in out
 
@@ -57,7 +58,7 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     assert code == 0 and f"champion: {b}" in out and "--force" in out
     code, out = run(capsys, "rollback", *common)
     assert code == 0 and f"champion is now {a}" in out
-    assert registry.read_champion(storage)[0]["version"] == a
+    assert registry.read_champion(storage)[0].version == a
     code, out = run(capsys, "history", *common)
     lines = [ln for ln in out.splitlines() if re.match(r"\d{4}-\d\d-\d\dT", ln)]
     assert code == 0 and [ln.split()[1:3] for ln in lines] == [
@@ -73,7 +74,7 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     storage.write_bytes(key, storage.read_bytes(key)[:-4] + b"\0\0\0\0")
     code, out = run(capsys, "promote", b, *common, "--force")
     assert code == 1 and "sha256" in out
-    assert registry.read_champion(storage)[0]["version"] == a
+    assert registry.read_champion(storage)[0].version == a
     assert len(registry.history(storage)) == 3
 
     # predictions read back as one dataset, straight from the root URI

@@ -8,7 +8,7 @@ import pytest
 from darkroom.config import RetrainConfig
 from darkroom.data.index import read_index, rebuild_index
 from darkroom.data.sync import sync_labeled
-from darkroom.scoring import chunks as scoring
+from darkroom.scoring import plan as planning
 from darkroom.storage import open_storage
 from tests.conftest import TINY, png_bytes
 
@@ -74,7 +74,7 @@ def test_hostile_keys_in_a_labels_file_and_in_planning(s3_env, hostile_keys, tmp
         [moved + "x", "é", "missing_object"]
     ]
 
-    plan = scoring.pending_chunks(storage, "v1", chunk_size=2)
+    plan = planning.pending_chunks(storage, "v1", chunk_size=2)
     planned = sorted(k for chunk in plan.chunks for k, _ in chunk)
     assert planned == sorted(f"incoming/{n}" for n in NAMES)
-    assert len({scoring.chunk_id(c) for c in plan.chunks}) == len(plan.chunks)
+    assert len({planning.chunk_id(c) for c in plan.chunks}) == len(plan.chunks)

@@ -204,13 +204,13 @@ def test_promotion_race_on_s3_loses_cleanly(s3_env):
     with pytest.raises(registry.PromotionLost):  # a second "first" promotion
         registry.promote(storage, "v2", expected_etag=None, action="promote", reason="first")
     champion, etag = registry.read_champion(storage)
-    assert champion["version"] == "v1"
+    assert champion.version == "v1"
     registry.promote(storage, "v2", expected_etag=etag, action="promote", reason="better")
     with pytest.raises(registry.PromotionLost):  # read v1's etag, v2 won meanwhile
         registry.promote(storage, "v3", expected_etag=etag, action="promote", reason="better")
     body = _get(s3_env, "models/champion.json")["Body"].read()
     assert b'"version": "v2"' in body
-    assert [r["version"] for r in registry.history(storage)] == ["v1", "v2"]
+    assert [r.version for r in registry.history(storage)] == ["v1", "v2"]
 
 
 def test_promotion_against_deleted_pointer_is_lost_not_a_crash(s3_env):

@@ -10,8 +10,9 @@ import pytest
 
 from darkroom.config import RetrainConfig
 from darkroom.data import index as idx
+from darkroom.data.fetch import load_manifest
 from darkroom.data.index import rebuild_index
-from darkroom.data.sync import load_manifest, sync_labeled, sync_prefix
+from darkroom.data.sync import sync_labeled, sync_prefix
 from darkroom.storage import open_storage
 from tests.conftest import INDEX_COLUMNS, png_bytes, write_digits
 from tests.s3.conftest import list_keys

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from darkroom.config import ScoreConfig
-from darkroom.scoring.chunks import pending_chunks, read_predictions, score_chunk
+from darkroom.scoring.chunks import read_predictions, score_chunk
+from darkroom.scoring.plan import pending_chunks
 from darkroom.storage import open_storage
 from darkroom.storage.s3 import S3Storage
 from tests.conftest import TINY, train_candidate, write_digits

@@ -11,13 +11,8 @@ from darkroom import layout
 from darkroom.config import ScoreConfig
 from darkroom.scoring import chunks as scoring
 from darkroom.scoring import compaction, ledger
-from darkroom.scoring.chunks import (
-    PREDICTION_SCHEMA,
-    chunk_id,
-    pending_chunks,
-    read_predictions,
-    write_predictions,
-)
+from darkroom.scoring.chunks import PREDICTION_SCHEMA, read_predictions, write_predictions
+from darkroom.scoring.plan import chunk_id, pending_chunks
 from darkroom.storage import open_storage
 from tests.conftest import png_bytes
 

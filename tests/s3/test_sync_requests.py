@@ -7,13 +7,8 @@ from __future__ import annotations
 import pytest
 
 from darkroom.config import RetrainConfig
-from darkroom.data.sync import (
-    SyncIncomplete,
-    fetch_objects,
-    load_manifest,
-    sync_labeled,
-    sync_prefix,
-)
+from darkroom.data.fetch import fetch_objects, load_manifest
+from darkroom.data.sync import SyncIncomplete, sync_labeled, sync_prefix
 from darkroom.storage import open_storage
 from darkroom.storage.s3 import S3Storage
 from tests.conftest import TINY, png_bytes, write_digits

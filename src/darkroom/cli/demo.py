@@ -82,14 +82,15 @@ def truth_accuracy(storage: Storage, predictions: pd.DataFrame) -> tuple[float, 
 def report(storage: Storage, retrain: dict, scored: dict) -> str:
     """What `darkroom demo` prints: sync, retrain and scoring figures of the champion."""
     from darkroom.registry import pointer as registry
+    from darkroom.registry.evaluation import read_metrics
     from darkroom.scoring.chunks import read_predictions
 
     champion, _ = registry.read_champion(storage)
-    v = champion["version"]
-    metrics = storage.read_json(layout.version(v, "metrics.json"))
+    v = champion.version
+    metrics = read_metrics(storage, v)
     preds = read_predictions(storage, v)
     acc, n = truth_accuracy(storage, preds)
-    sync, cv, holdout = retrain["sync"], metrics["cv"]["accuracy"], metrics["holdout"]
+    sync, cv, holdout = retrain["sync"], metrics.cv["accuracy"], metrics.holdout
     verdict = "promoted" if retrain.get("promoted") else "rejected"
     trained = (
         "skipped, nothing changed since the champion"
@@ -104,7 +105,7 @@ def report(storage: Storage, retrain: dict, scored: dict) -> str:
             f"{sync['downloaded_bytes']} bytes",
             f"retrain: {trained}",
             f"champion: {v}",
-            f"CV accuracy ({len(metrics['folds'])} folds): {cv['mean']:.4f} ± {cv['std']:.4f}",
+            f"CV accuracy ({len(metrics.folds)} folds): {cv['mean']:.4f} ± {cv['std']:.4f}",
             f"holdout accuracy: {holdout['accuracy']:.4f} ({holdout['n']} images)",
             f"scoring: {scored['incoming']} incoming, {scored['already_scored']} already scored, "
             f"{scored['scored']} scored now, {scored['failed']} failed",

@@ -148,17 +148,7 @@ def serve(
 ) -> int:
     """Serves the deployments until Ctrl-C or SIGTERM; starts (and then stops) a server when
     none runs."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Ctrl-C must stop us even when started from a shell that ignores SIGINT in background jobs.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    # Flow runs are subprocesses: they read the storage root and cache from the environment.
-    os.environ["DARKROOM_STORAGE"] = open_storage(storage or default_storage_uri()).uri
-    if cache_dir:
-        os.environ["DARKROOM_CACHE"] = str(Path(cache_dir).expanduser().resolve())
-    os.chdir(
-        deployments.ROOT
-    )  # deployments/prefect.yaml and the served flows' source paths resolve here
+    _prepare(storage, cache_dir)
     api_url, ui_url, server = _find_or_start_server(port)
     os.environ["PREFECT_API_URL"] = api_url
     died, stopping = threading.Event(), threading.Event()
@@ -183,16 +173,36 @@ def serve(
             raise
         traceback.print_exc()
     finally:
-        if server is not None and server.poll() is not None and not stopping.is_set():
-            _report_death(server, died)
-        stopping.set()
-        if server is not None and not died.is_set():
-            print("stopping the Prefect server", flush=True)
-            stop_process_group(server)
+        _stop_server(server, died, stopping)
     if died.is_set():
         _say_stopped(server)
         return 1
     return 0
+
+
+def _prepare(storage: str | None, cache_dir: str | None) -> None:
+    """Signals, and the environment and folder the served flow runs start from."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Ctrl-C must stop us even when started from a shell that ignores SIGINT in background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    # Flow runs are subprocesses: they read the storage root and cache from the environment.
+    os.environ["DARKROOM_STORAGE"] = open_storage(storage or default_storage_uri()).uri
+    if cache_dir:
+        os.environ["DARKROOM_CACHE"] = str(Path(cache_dir).expanduser().resolve())
+    os.chdir(deployments.ROOT)  # prefect.yaml and the served flows' source paths resolve here
+
+
+def _stop_server(
+    server: subprocess.Popen | None, died: threading.Event, stopping: threading.Event
+) -> None:
+    """Stops the server this process started (unless it died: then says so)."""
+    if server is not None and server.poll() is not None and not stopping.is_set():
+        _report_death(server, died)
+    stopping.set()
+    if server is not None and not died.is_set():
+        print("stopping the Prefect server", flush=True)
+        stop_process_group(server)
 
 
 if __name__ == "__main__":

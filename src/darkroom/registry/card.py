@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from darkroom.registry.evaluation import CandidateMetrics
+
 CARD_METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "ece")
 RECIPE_FIELDS = ("backbone", "pretrained", "image_size", "epochs", "batch_size", "optimizer")
 RECIPE_FIELDS += ("lr", "lr_min", "augment", "folds", "final_model", "seed")
@@ -33,7 +35,7 @@ class CardFacts:
 
     version: str
     meta: dict  # model.json
-    metrics: dict  # metrics.json: folds, cv, holdout
+    metrics: CandidateMetrics
     decision: dict | None = None  # decision.json
     calibration: dict | None = None  # model.json's calibration block
     label_issues: dict | None = None  # count, noise_rate, top rows
@@ -51,7 +53,7 @@ def render_card(facts: CardFacts) -> str:
 
 def card_metadata(facts: CardFacts) -> dict:
     """The card's YAML: the holdout metrics, exactly as metrics.json has them, in model-index."""
-    holdout = facts.metrics.get("holdout") or {}
+    holdout = facts.metrics.holdout
     results = [
         {"type": name, "value": float(holdout[name]), "name": f"holdout {name}"}
         for name in CARD_METRICS
@@ -123,7 +125,7 @@ def _recipe(facts: CardFacts) -> str:
 
 
 def _metrics(facts: CardFacts) -> str:
-    cv, holdout = facts.metrics.get("cv") or {}, facts.metrics.get("holdout") or {}
+    cv, holdout = facts.metrics.cv, facts.metrics.holdout
     rows = []
     for name in CARD_METRICS:
         c = cv.get(name)
@@ -155,7 +157,7 @@ def _calibration(facts: CardFacts) -> str:
 
 
 def _per_class(facts: CardFacts) -> str:
-    holdout = facts.metrics.get("holdout") or {}
+    holdout = facts.metrics.holdout
     acc = holdout.get("per_class_accuracy") or {}
     support = holdout.get("per_class_support") or {}
     rows = [

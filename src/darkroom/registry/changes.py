@@ -58,7 +58,7 @@ def changes_since_champion(storage: Storage, snapshot: str) -> DataChanges:
     champion, _ = pointer.read_champion(storage)
     since = None
     if champion:
-        meta = storage.read_json(layout.version(champion["version"], "model.json"), missing_ok=True)
+        meta = storage.read_json(layout.version(champion.version, "model.json"), missing_ok=True)
         since = (meta or {}).get("index_snapshot")
     old = read_index(storage, since).rows if since else None
     changes = DataChanges(snapshot, since, layout.index_changes(snapshot))

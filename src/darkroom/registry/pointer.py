@@ -8,9 +8,11 @@ candidate deserves the pointer is decided in ``promotion``.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from darkroom import layout
+from darkroom.registry.evaluation import read_metrics
 from darkroom.storage import PreconditionFailed, Storage
 
 
@@ -22,17 +24,47 @@ class PromotionLost(RegistryError):
     """Another promotion changed the champion pointer first; nothing was written."""
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The champion pointer (``models/champion.json``), and each record of its history under
+    ``models/promotions/``: one move of the pointer, with the same fields.
+
+    Attributes:
+        action: "promote", "manual-promote" or "rollback".
+        at: when the pointer moved (ISO 8601, UTC).
+        previous: the version it pointed at before; None for the first champion.
+        metrics: the version's holdout metrics shown with it.
+    """
+
+    version: str
+    action: str = "promote"
+    at: str = ""
+    reason: str = ""
+    previous: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Champion:
+        """The record as stored (fields it lacks take their defaults)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+    def as_dict(self) -> dict:
+        """The record as stored: the JSON object of ``models/champion.json``."""
+        return asdict(self)
+
+
 def new_version(snapshot: str, config_fingerprint: str) -> str:
     """Deterministic for a snapshot and config, so a rerun finds the folds it already trained."""
     return f"{snapshot[:8]}-{config_fingerprint[:8]}"
 
 
-def read_champion(storage: Storage) -> tuple[dict | None, str | None]:
+def read_champion(storage: Storage) -> tuple[Champion | None, str | None]:
     """The champion pointer and its etag (for the conditional write that replaces it)."""
     etag = storage.etag(layout.CHAMPION)
     if etag is None:
         return None, None
-    return storage.read_json(layout.CHAMPION), etag
+    return Champion.from_dict(storage.read_json(layout.CHAMPION)), etag
 
 
 def verify(storage: Storage, version: str) -> None:
@@ -68,7 +100,7 @@ def promote(
     reason: str,
     metrics: dict | None = None,
     previous: str | None = None,
-) -> dict:
+) -> Champion:
     """Points the champion at ``version`` in one conditional write, then logs the record.
 
     Raises:
@@ -76,14 +108,8 @@ def promote(
     """
     verify(storage, version)
     now = datetime.now(UTC)
-    record = {
-        "version": version,
-        "action": action,
-        "at": now.isoformat(),
-        "reason": reason,
-        "previous": previous,
-        "metrics": metrics or {},
-    }
+    champion = Champion(version, action, now.isoformat(), reason, previous, metrics or {})
+    record = champion.as_dict()
     try:
         if expected_etag is None:
             storage.write_json(layout.CHAMPION, record, if_none_match=True)
@@ -92,28 +118,28 @@ def promote(
     except PreconditionFailed as e:
         raise PromotionLost(f"champion pointer changed meanwhile; {version} not promoted") from e
     storage.write_json(layout.promotion_record(now, version), record, if_none_match=True)
-    return record
+    return champion
 
 
-def history(storage: Storage) -> list[dict]:
-    return [storage.read_json(o.key) for o in storage.list(layout.PROMOTIONS)]
+def history(storage: Storage) -> list[Champion]:
+    return [Champion.from_dict(storage.read_json(o.key)) for o in storage.list(layout.PROMOTIONS)]
 
 
-def lineage(records: list[dict]) -> list[str]:
+def lineage(records: list[Champion]) -> list[str]:
     """The chain of champions that rollbacks walk back: promotions push, rollbacks pop."""
     stack: list[str] = []
     for r in records:
-        if r["action"] == "rollback":
-            while stack and stack[-1] != r["version"]:
+        if r.action == "rollback":
+            while stack and stack[-1] != r.version:
                 stack.pop()
             if not stack:
-                stack.append(r["version"])
+                stack.append(r.version)
         else:
-            stack.append(r["version"])
+            stack.append(r.version)
     return stack
 
 
-def rollback(storage: Storage) -> dict:
+def rollback(storage: Storage) -> Champion:
     """Points the champion back at the one it replaced (one conditional write + a record).
 
     Raises:
@@ -124,9 +150,9 @@ def rollback(storage: Storage) -> dict:
     if champion is None:
         raise RegistryError("no champion yet: nothing to roll back")
     chain = lineage(history(storage))
-    if len(chain) < 2 or chain[-1] != champion["version"]:
+    if len(chain) < 2 or chain[-1] != champion.version:
         raise RegistryError(
-            f"no previous champion before {champion['version']} in "
+            f"no previous champion before {champion.version} in "
             f"{storage.url(layout.PROMOTIONS)}: nothing to roll back to"
         )
     return promote(
@@ -134,16 +160,15 @@ def rollback(storage: Storage) -> dict:
         chain[-2],
         expected_etag=etag,
         action="rollback",
-        reason=f"rollback from {champion['version']}",
-        previous=champion["version"],
+        reason=f"rollback from {champion.version}",
+        previous=champion.version,
         metrics=champion_metrics(storage, chain[-2]),
     )
 
 
 def champion_metrics(storage: Storage, version: str) -> dict:
-    metrics = storage.read_json(layout.version(version, "metrics.json"), missing_ok=True) or {}
-    holdout = metrics.get("holdout", {})
-    return {k: holdout[k] for k in ("accuracy", "f1_macro") if k in holdout}
+    metrics = read_metrics(storage, version)
+    return metrics.headline() if metrics else {}
 
 
 def list_versions(storage: Storage) -> list[str]:

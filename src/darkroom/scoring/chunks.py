@@ -1,5 +1,5 @@
-"""The scoring stage: which incoming (key, etag) pairs no model has scored, in chunks, and one
-prediction file per chunk under ``predictions/<version>/``.
+"""The scoring stage: one prediction file per planned chunk (``darkroom.scoring.plan``) under
+``predictions/<version>/``.
 
 A chunk's file is named by a hash of its planned (key, etag) pairs, so a rerun of the same
 chunk writes the same file instead of a duplicate. A pair whose object could not be fetched
@@ -8,13 +8,11 @@ other pairs only, and the next run puts the pair in a new chunk, with another id
 earlier file holds a row of. A pair fetched but undecodable gets its row once, with the reason.
 Which pairs are scored comes from the scoring ledger (``darkroom.scoring.ledger``), which
 ``write_predictions`` adds to after each file, so planning never reads the predictions.
-Planning needs no torch (the watcher plans too); only ``score_chunk`` loads a model.
+Only ``score_chunk`` loads a model (torch).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +27,10 @@ import pyarrow.compute as pc
 
 from darkroom import layout
 from darkroom.config import ScoreConfig
-from darkroom.data.sync import (
-    CachedObject,
-    SyncReport,
-    UnsupportedFormat,
-    cache_path,
-    fetch_objects,
-    is_unsupported_image,
-    names_an_image,
-)
+from darkroom.data.fetch import CachedObject, SyncReport, cache_path, fetch_objects
+from darkroom.data.names import UnsupportedFormat, is_unsupported_image
 from darkroom.scoring import ledger
+from darkroom.scoring.plan import chunk_id
 from darkroom.storage import LocalStorage, ObjectInfo, Storage
 
 if TYPE_CHECKING:
@@ -63,19 +55,6 @@ PREDICTION_SCHEMA = pa.schema(
 # A remote chunk is fetched in slices of this many batches: the next slice downloads while
 # this one is decoded and scored.
 FETCH_SLICE_BATCHES = 4
-
-
-def chunk_id(pairs: Sequence[tuple[str, str]]) -> str:
-    h = hashlib.sha256()
-    for key, etag in sorted(pairs):
-        h.update(f"{key}\x1f{etag}\x1e".encode())
-    return h.hexdigest()[:20]
-
-
-def scored_pairs(storage: Storage, version: str | None) -> set[tuple[str, str]]:
-    """(key, etag) pairs that have a prediction row for ``version`` (None: any version), from
-    the scoring ledger, as Python objects: for small roots (planning uses ``ledger.scored``)."""
-    return ledger.scored(storage, version).pairs()
 
 
 def predictions_table(
@@ -152,16 +131,6 @@ def read_predictions(storage: Storage, version: str) -> pd.DataFrame:
 
 
 @dataclass
-class ScorePlan:
-    """The chunks of one scoring run and the counts behind them."""
-
-    chunks: list[list[tuple[str, str]]]
-    incoming: int
-    already_scored: int
-    to_score: int
-
-
-@dataclass
 class ChunkResult:
     """What scoring one chunk did.
 
@@ -181,63 +150,6 @@ class ChunkResult:
     per_class: dict[str, int] = field(default_factory=dict)
     unfetched: int = 0
     unfetched_reasons: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class StreamedPlan:
-    """The chunks of one scoring run, made while ``incoming/`` is listed (page by page on
-    S3): the listing is taken one chunk's worth at a time, looked up in the scoring ledger,
-    and a chunk is handed out as soon as it is full, so a run holds the ledger's columns plus
-    the chunks in flight, not the whole listing. Counts fill in as it goes.
-
-    New images are those no model version has scored yet; with ``rescore``, every pair that
-    ``version`` itself has not scored (older versions' predictions stay as they are).
-    """
-
-    storage: Storage
-    version: str
-    chunk_size: int
-    rescore: bool = False
-    incoming: int = 0
-    already_scored: int = 0
-
-    @property
-    def to_score(self) -> int:
-        return self.incoming - self.already_scored
-
-    def chunks(self) -> Iterator[list[tuple[str, str]]]:
-        # The ledger is read while the listing starts: Parquet decoding releases the GIL.
-        with ThreadPoolExecutor(1, thread_name_prefix="darkroom-ledger") as pool:
-            version = self.version if self.rescore else None
-            reading = pool.submit(ledger.scored, self.storage, version)
-            yield from self._chunks(reading)
-
-    def _chunks(self, reading) -> Iterator[list[tuple[str, str]]]:
-        listed = (o for o in self.storage.list(layout.INCOMING) if names_an_image(o.key))
-        chunk: list[tuple[str, str]] = []
-        while batch := [(o.key, o.etag) for o in itertools.islice(listed, self.chunk_size)]:
-            scored = reading.result().contains(batch)
-            self.incoming += len(batch)
-            self.already_scored += sum(scored)
-            for pair, seen in zip(batch, scored, strict=True):
-                if seen:
-                    continue
-                chunk.append(pair)
-                if len(chunk) == self.chunk_size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
-
-
-def pending_chunks(
-    storage: Storage, version: str, chunk_size: int, rescore: bool = False
-) -> ScorePlan:
-    """Every chunk of a ``StreamedPlan`` at once, with its counts (for small roots and tests;
-    the scoring flow takes them one at a time)."""
-    plan = StreamedPlan(storage, version, chunk_size, rescore)
-    chunks = list(plan.chunks())
-    return ScorePlan(chunks, plan.incoming, plan.already_scored, plan.to_score)
 
 
 def score_chunk(

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from darkroom import layout
 from darkroom.config import StorageConfig
-from darkroom.data.sync import names_an_image
+from darkroom.data.names import names_an_image
 from darkroom.registry import pointer
 from darkroom.scoring import ledger
 from darkroom.storage import Storage
@@ -40,6 +40,27 @@ def read_announced(storage: Storage) -> set[tuple[str, str]]:
     return {(k, e) for k, e in state.get("pairs", [])}
 
 
+@dataclass(frozen=True)
+class Tick:
+    """What one watcher tick saw and did.
+
+    Attributes:
+        incoming: images listed under ``incoming/``.
+        scored: of those, the ones some model version has scored.
+        announced: waiting ones an earlier tick announced.
+        new: waiting ones no tick announced yet.
+        champion: the champion's version; None when there is none to score with.
+        emitted: whether this tick emitted ``darkroom.images.arrived``.
+    """
+
+    incoming: int
+    scored: int
+    announced: int
+    new: int
+    champion: str | None
+    emitted: bool = False
+
+
 @dataclass
 class Look:
     """One look at ``incoming/``: the new pairs, those waiting (listed and not scored), the
@@ -48,7 +69,7 @@ class Look:
     new: list[tuple[str, str]]
     waiting: list[tuple[str, str]]
     announced: set[tuple[str, str]]
-    counts: dict
+    counts: Tick
 
 
 def look(storage: Storage) -> Look:
@@ -62,17 +83,17 @@ def look(storage: Storage) -> Look:
         incoming += len(batch)
         waiting += [p for p, done in zip(batch, scored.contains(batch), strict=True) if not done]
     new = [p for p in waiting if p not in announced]
-    counts = {
-        "incoming": incoming,
-        "scored": incoming - len(waiting),
-        "announced": len(waiting) - len(new),
-        "new": len(new),
-        "champion": champion["version"] if champion else None,
-    }
+    counts = Tick(
+        incoming=incoming,
+        scored=incoming - len(waiting),
+        announced=len(waiting) - len(new),
+        new=len(new),
+        champion=champion.version if champion else None,
+    )
     return Look(new, waiting, announced, counts)
 
 
-def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], dict]:
+def new_arrivals(storage: Storage) -> tuple[list[tuple[str, str]], Tick]:
     """New (key, etag) pairs under ``incoming/`` and the counts behind the decision."""
     seen = look(storage)
     return seen.new, seen.counts
@@ -83,7 +104,7 @@ def save_announced(storage: Storage, pairs: list[tuple[str, str]]) -> None:
     storage.write_json(layout.WATCH_STATE, state)
 
 
-def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:
+def check_incoming(storage: Storage, emit: Callable[..., object]) -> Tick:
     """One watcher tick: announces new images with a single ``darkroom.images.arrived`` event
     (``emit(event=, resource=, payload=)``), or does nothing when there are none or when
     there is no champion to score them with yet (they stay new until there is one).
@@ -93,7 +114,7 @@ def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:
     It is written only when it changes: the pairs announced and still waiting.
     """
     seen = look(storage)
-    emitted = bool(seen.new) and seen.counts["champion"] is not None
+    emitted = bool(seen.new) and seen.counts.champion is not None
     if emitted:
         emit(
             event=ARRIVED,
@@ -107,4 +128,4 @@ def check_incoming(storage: Storage, emit: Callable[..., object]) -> dict:
     keep = seen.waiting if emitted else [p for p in seen.waiting if p in seen.announced]
     if set(keep) != seen.announced:
         save_announced(storage, keep)
-    return {**seen.counts, "emitted": emitted}
+    return replace(seen.counts, emitted=emitted)

@@ -6,12 +6,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from darkroom.config import RuntimeConfig
@@ -23,57 +20,21 @@ from darkroom.storage.base import (
     StorageSetupError,
     check_key,
 )
+from darkroom.storage.s3_client import (
+    DENIED,
+    BodyMismatch,
+    error_code,
+    is_md5_etag,
+    new_client,
+)
 
 log = logging.getLogger(__name__)
 
-DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 # A body that breaks off arrives after boto returned the response, so boto's own retries are
 # spent by then: read_bytes repeats the whole GET, with backoff, this many times at most.
 BODY_ATTEMPTS = 4
 BODY_BACKOFF_SECONDS = 0.2  # doubled after each broken read
 CHUNK_BYTES = 1 << 20  # a download's body is written this much at a time
-
-
-_session = None
-_session_lock = threading.Lock()  # a boto3 Session is not safe to build clients from at once
-
-
-def new_client(pool: int):
-    """An S3 client with ``pool`` connections, from darkroom's one boto3 session per process.
-
-    boto3 reads AWS_ENDPOINT_URL, the region and the credential chain itself when the client
-    is made. The session parses response timestamps with the standard library: every GET and
-    every listed object carries one, and dateutil's parser was a seventh of a download's CPU.
-    """
-    global _session
-    import boto3
-    import botocore.session
-    from botocore.config import Config
-
-    with _session_lock:
-        if _session is None:
-            core = botocore.session.get_session()
-            parsers = core.get_component("response_parser_factory")
-            parsers.set_parser_defaults(timestamp_parser=_timestamp)
-            _session = boto3.session.Session(botocore_session=core)
-        config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=pool)
-        return _session.client("s3", config=config)
-
-
-def _timestamp(value) -> datetime:
-    """A timestamp of an S3 response: ISO 8601 in bodies, RFC 1123 in headers; anything else
-    (epoch seconds, a date without a zone) as botocore parses it."""
-    from botocore.utils import parse_timestamp
-
-    if isinstance(value, str):
-        try:
-            iso = value[:4].isdigit()
-            parsed = datetime.fromisoformat(value) if iso else parsedate_to_datetime(value)
-            if parsed.tzinfo is not None:
-                return parsed
-        except (ValueError, TypeError, IndexError):
-            pass
-    return parse_timestamp(value)
 
 
 class S3Storage(Storage):
@@ -215,9 +176,9 @@ class S3Storage(Storage):
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **conditions)
         except ClientError as e:
-            if _code(e) in ("NoSuchKey", "404"):
+            if error_code(e) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-            if "IfMatch" in conditions and _code(e) in ("PreconditionFailed", "412"):
+            if "IfMatch" in conditions and error_code(e) in ("PreconditionFailed", "412"):
                 raise StorageError(
                     f"{self.url(key)} changed since it was listed: the next sync fetches it"
                 ) from e
@@ -322,21 +283,5 @@ class S3Storage(Storage):
         if want != {size}:
             raise BodyMismatch(f"got {size} bytes of {self.url(key)}, expected {max(want)}")
         etag = resp.get("ETag", "").strip('"')
-        if _is_md5_etag(etag, resp) and md5.hexdigest() != etag:
+        if is_md5_etag(etag, resp) and md5.hexdigest() != etag:
             raise BodyMismatch(f"the bytes of {self.url(key)} do not match its ETag {etag}")
-
-
-class BodyMismatch(StorageError):
-    """A downloaded body whose size or MD5 is not the object's: fetched again."""
-
-
-def _is_md5_etag(etag: str, resp: dict) -> bool:
-    """Whether ``etag`` is the MD5 of the body: a single-part upload stored without KMS or a
-    customer key (those, and multipart uploads, have ETags of another kind)."""
-    encrypted = resp.get("SSECustomerAlgorithm") or "kms" in resp.get("ServerSideEncryption", "")
-    return len(etag) == 32 and not encrypted and all(c in "0123456789abcdef" for c in etag)
-
-
-def _code(e: Exception) -> str:
-    """The S3 error code of a boto3 ClientError ("" for any other error)."""
-    return getattr(e, "response", {}).get("Error", {}).get("Code", "")

@@ -113,7 +113,7 @@ class Ranks:
                 dist.broadcast(buffer, 0)
 
     def evaluate(self, trainer) -> tuple[dict, np.ndarray]:
-        """``steps.evaluate`` of a ``fit.Trainer``'s validation pass on several ranks, over
+        """``steps.evaluate`` of a ``trainer.Trainer``'s validation pass on several ranks, over
         every validation row: each rank predicts its part through the plain model (DDP's forward may sync
         buffers, a collective), then the parts are gathered, so every rank holds the same
         probabilities and statistics."""

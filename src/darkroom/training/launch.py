@@ -1,12 +1,12 @@
 """One fold on several devices, torchrun-style (``devices_per_fold`` > 1).
 
-The fold's own process writes the fold's plan (its images, recipe, checkpoint key) into a
-private folder and starts ``python -m darkroom.training.launch launch``: torch's standard launcher
-(``torch.distributed.run --standalone``, one rank per device, no restarts), which starts the
-ranks (``python -m darkroom.training.launch rank``). Every rank resumes from the fold's checkpoint and
-trains its share (``fit`` with its ``distributed.Ranks``); rank 0 alone saves checkpoints to
-storage and leaves the result (weights and record) in the folder, which the fold's process turns
-into the fold's files exactly as for one device.
+This module is the fold's side. The fold's own process writes the fold's plan (its images,
+recipe, checkpoint key) into a private folder and starts ``python -m darkroom.training.launch
+launch``: torch's standard launcher (``torch.distributed.run --standalone``, one rank per
+device, no restarts), which starts the ranks (``darkroom.training.rank``: the launcher's and
+the ranks' side). Every rank resumes from the fold's checkpoint and trains its share; rank 0
+alone saves checkpoints to storage and leaves the result (weights and record) in the folder,
+which the fold's process turns into the fold's files exactly as for one device.
 
 No process is left behind: each dies with the process that started it (Linux's
 ``PR_SET_PDEATHSIG``), torchrun passes SIGTERM on to the ranks and stops them all when one
@@ -15,38 +15,33 @@ rank's failure fails the fold with that rank's error (retried, unless it cannot 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from darkroom.ops import stopping
+from darkroom.training.rank import MARK, PARENT, main
 
 # The launcher process needs torch's launcher alone: darkroom's training modules (timm,
 # OpenCV, scikit-learn: seconds to import) load where they run, in the ranks.
 if TYPE_CHECKING:
-    from darkroom.config import RetrainConfig, TrainConfig
-    from darkroom.training.distributed import Ranks
-    from darkroom.training.records import FoldData, FoldResult
+    from darkroom.training.records import FoldResult, FoldRun
 
 log = logging.getLogger(__name__)
 
-MARK = "darkroom-epoch "  # rank 0's lines that carry an epoch's history row
-PARENT, LAUNCHER = "DARKROOM_FOLD_PID", "DARKROOM_LAUNCHER_PID"
 GRACE_SECONDS = 45  # torchrun gives its ranks 30 s after SIGTERM before SIGKILL
 # A rank's error of these kinds fails the fold as itself: a retry would fail alike.
 PERMANENT = ("NonFiniteLoss", "ValueError")
@@ -57,49 +52,46 @@ class RanksFailed(RuntimeError):
     """A process of a fold on several devices failed (the task retries the fold)."""
 
 
-def fit_in_processes(
-    data: FoldData, cfg: TrainConfig, config: RetrainConfig, device: str, checkpoint, on_epoch
-) -> tuple[FoldResult, bytes]:
-    """``fit`` on ``config.devices_per_fold`` processes; returns what rank 0 trained (the
-    result without its model) and the weights as safetensors bytes.
+def fit_in_processes(run: FoldRun) -> tuple[FoldResult, bytes]:
+    """``fit`` of ``run`` on ``run.config.devices_per_fold`` processes; returns what rank 0
+    trained (the result without its model) and the weights as safetensors bytes.
 
-    Args:
-        device: auto, cpu, cuda, or the GPUs this fold holds (``cuda:2,3``).
-        checkpoint: The fold's ``train.StorageCheckpointer``; every rank resumes from it.
-        on_epoch: Called here with each epoch's history row.
+    ``run.device``: auto, cpu, cuda, or the GPUs this fold holds (``cuda:2,3``); every rank
+    resumes from ``run.checkpoint`` (the fold's ``StorageCheckpointer``); ``run.on_epoch`` is
+    called here with each epoch's row.
 
     Raises:
         NonFiniteLoss, ValueError: a rank failed with one (a retry would fail alike).
         RanksFailed: a rank failed otherwise, or the processes exited without a result.
         TimeoutError: the fold ran past ``config.fold_timeout_seconds``.
     """
-    n = config.devices_per_fold
-    kind, env = _devices(device, n)
+    config, n = run.config, run.config.devices_per_fold
+    kind, env = _devices(run.device, n)
     sweep_stale_runs(Path(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=f"darkroom-fold-{os.getpid()}-") as tmp:
-        run = Path(tmp)
+        folder = Path(tmp)
         plan = {
-            "data": asdict(data),
-            "train": cfg.model_dump(mode="json"),
+            "data": asdict(run.data),
+            "train": run.train.model_dump(mode="json"),
             "device": kind,
             "num_workers": config.num_workers,
             "checkpoint_every": config.checkpoint_every_seconds,
-            "storage": checkpoint.storage.uri,
-            "checkpoint": checkpoint.key,
+            "storage": run.checkpoint.storage.uri,
+            "checkpoint": run.checkpoint.key,
         }
-        (run / "plan.json").write_text(json.dumps(plan))
-        cmd = [sys.executable, "-m", "darkroom.training.launch", "launch", str(run), str(n)]
+        (folder / "plan.json").write_text(json.dumps(plan))
+        cmd = [sys.executable, "-m", "darkroom.training.launch", "launch", str(folder), str(n)]
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **TEXT
         )
         try:
-            tail = _follow(proc, on_epoch, config.fold_timeout_seconds)
+            tail = _follow(proc, run.on_epoch, config.fold_timeout_seconds)
             proc.wait(GRACE_SECONDS)
         finally:
             _stop(proc)
-        if proc.returncode or not (run / "result.pt").exists():
-            raise _failure(run, n, proc.returncode, tail)
-        return _result(run)
+        if proc.returncode or not (folder / "result.pt").exists():
+            raise _failure(folder, n, proc.returncode, tail)
+        return _result(folder)
 
 
 def sweep_stale_runs(root: Path) -> None:
@@ -153,6 +145,8 @@ def _follow(proc: subprocess.Popen, on_epoch, timeout: float) -> deque[str]:
     Raises:
         TimeoutError: still running after ``timeout`` seconds.
     """
+    from darkroom.training.records import EpochRow
+
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: deque[str] = deque(maxlen=40)
@@ -160,7 +154,7 @@ def _follow(proc: subprocess.Popen, on_epoch, timeout: float) -> deque[str]:
     while (line := _next(lines, deadline, timeout)) is not None:
         if line.startswith(MARK):
             if on_epoch is not None:
-                on_epoch(json.loads(line.removeprefix(MARK)))
+                on_epoch(EpochRow.from_record(json.loads(line.removeprefix(MARK))))
         else:
             tail.append(line)
             log.info("%s", line)
@@ -222,117 +216,6 @@ def _result(run: Path) -> tuple[FoldResult, bytes]:
     probs = saved.pop("val_probs").numpy()
     weights = (run / "model.safetensors").read_bytes()
     return FoldResult(model=None, val_probs=probs, **saved), weights
-
-
-# ---- in the launcher and the ranks -----------------------------------------------------------
-
-
-def _launch(run: str, n: str) -> int:
-    """The launcher: torchrun in this process, so that it dies with the fold's process."""
-    _die_with_parent(PARENT)
-    os.environ[LAUNCHER] = str(os.getpid())
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
-    args = ["--standalone", f"--nproc-per-node={n}", "--max-restarts=0"]
-    try:
-        torchrun([*args, "--module", "darkroom.training.launch", "rank", run])
-    except ChildFailedError as exc:
-        print(f"darkroom.training.launch: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _rank(run: Path) -> None:
-    """One rank: trains its share; rank 0 leaves the result. An error is recorded for the
-    fold's process (``error-<rank>.json``) before it ends this rank."""
-    _die_with_parent(LAUNCHER)
-    from darkroom.training.distributed import Ranks
-
-    ranks = Ranks.from_env()
-    try:
-        plan = json.loads((run / "plan.json").read_text())
-        device = ranks.join(plan["device"])
-        result = _fit_rank(plan, ranks, device)
-        records = ranks.describe(device)
-        torch.distributed.destroy_process_group()
-        if ranks.main:
-            _save_result(run, result, records)
-    except BaseException as exc:
-        error = {"rank": ranks.rank, "type": type(exc).__name__, "message": str(exc)}
-        with contextlib.suppress(OSError):  # the fold's process may be gone, and its folder
-            (run / f"error-{ranks.rank}.json").write_text(json.dumps(error))
-        raise
-
-
-def _fit_rank(plan: dict, ranks: Ranks, device: torch.device) -> FoldResult:
-    from darkroom.config import TrainConfig
-    from darkroom.storage import open_storage
-    from darkroom.training.checkpoint import ReadOnly, StorageCheckpointer
-    from darkroom.training.fit import fit
-    from darkroom.training.records import FoldData, LoaderLimits
-
-    data = {**plan["data"], "limits": LoaderLimits(**plan["data"]["limits"])}
-    stored = StorageCheckpointer(open_storage(plan["storage"]), plan["checkpoint"])
-    return fit(
-        FoldData(**data),
-        TrainConfig.model_validate(plan["train"]),
-        device=device,
-        num_workers=_workers(plan["num_workers"], ranks.world),
-        on_epoch=_report if ranks.main else None,
-        checkpoint=stored if ranks.main else ReadOnly(stored),
-        checkpoint_every=plan["checkpoint_every"],
-        ranks=ranks,
-    )
-
-
-def _workers(num_workers: int | str, world: int) -> int | str:
-    """``auto`` loader workers of one rank: its share of the cores less one (none on a share
-    of two cores or fewer), as ``feed.resolve_workers`` counts for a process alone."""
-    if num_workers != "auto":
-        return num_workers
-    from darkroom.ops.cores import usable_cores
-
-    share = usable_cores() // world
-    return share - 1 if share > 2 else 0
-
-
-def _report(row: dict) -> None:
-    print(MARK + json.dumps(row, default=float), flush=True)
-
-
-def _save_result(run: Path, result: FoldResult, records: list[dict]) -> None:
-    from darkroom.model.backbone import to_bytes
-
-    (run / "model.safetensors").write_bytes(to_bytes(result.model))
-    saved = {f.name: getattr(result, f.name) for f in fields(result)}
-    del saved["model"]
-    saved.update(val_probs=torch.from_numpy(result.val_probs), ranks=records)
-    torch.save(saved, run / "result.pt")
-
-
-def _die_with_parent(variable: str) -> None:
-    """Has Linux send this process SIGTERM when the process that started it dies, so that a
-    killed fold leaves no launcher or rank behind (elsewhere: nothing). ``variable`` holds that
-    process's pid, which tells a parent that died before this call."""
-    if not stopping.die_with_parent():
-        return
-    expected = os.environ.get(variable)
-    if expected and os.getppid() != int(expected):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def main(argv: list[str] | None = None) -> int:
-    what, *args = sys.argv[1:] if argv is None else argv
-    if what == "launch":
-        return _launch(*args)
-    _rank(Path(*args))
-    # A rank's work is written: end it here. The interpreter's teardown once aborted a rank
-    # (SIGABRT, "terminate called without an active exception") after its fold had finished,
-    # which failed the fold.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

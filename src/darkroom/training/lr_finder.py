@@ -113,8 +113,8 @@ def find_lr(
     """The lr range test on the train rows of ``snapshot`` (default: the current index).
     Writes ``reports/lr_finder/<snapshot>-<config>.png`` and ``.json``; returns the result
     with their URLs."""
+    from darkroom.data.fetch import local_paths
     from darkroom.data.index import read_index
-    from darkroom.data.sync import local_paths
     from darkroom.model.backbone import resolve_device
     from darkroom.training.fit import release_memory
 

@@ -1,5 +1,6 @@
 """PNG plots saved next to a model: training curves per fold, the confusion matrix, per-class
-accuracy against training images, the worst mistakes, and the learning-rate range test."""
+accuracy against training images, galleries of images (the worst mistakes, the labels that
+look wrong), and the learning-rate range test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from darkroom.training.records import EpochRow  # noqa: E402
+
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
@@ -20,7 +23,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def curves_png(histories: dict[int, list[dict]]) -> bytes:
+def curves_png(histories: dict[int, list[EpochRow]]) -> bytes:
     """One column per fold: train and validation loss (top) and accuracy (bottom) per epoch."""
     folds = sorted(histories)
     fig, axes = plt.subplots(
@@ -28,13 +31,13 @@ def curves_png(histories: dict[int, list[dict]]) -> bytes:
     )
     for col, fold in enumerate(folds):
         hist = histories[fold]
-        ep = [h["epoch"] + 1 for h in hist]
+        ep = [h.epoch + 1 for h in hist]
         for row, what in enumerate(("loss", "accuracy")):
             ax = axes[row][col]
-            ax.plot(ep, [h[f"train_{what}"] for h in hist], "--", label="train")
-            if hist and f"val_{what}" in hist[0]:
-                ax.plot(ep, [h[f"val_{what}"] for h in hist], label="validation")
-                best = min(range(len(hist)), key=lambda i: hist[i]["val_loss"])
+            ax.plot(ep, [getattr(h, f"train_{what}") for h in hist], "--", label="train")
+            if hist and hist[0].val_loss is not None:
+                ax.plot(ep, [getattr(h, f"val_{what}") for h in hist], label="validation")
+                best = min(range(len(hist)), key=lambda i: hist[i].val_loss)
                 ax.axvline(ep[best], color="grey", lw=0.8, ls=":")
             ax.set(title=f"fold {fold} {what}", xlabel="epoch" if row else None)
             ax.legend(fontsize=7)
@@ -87,21 +90,27 @@ def per_class_png(accuracy: dict[str, float | None], train_images: dict[str, int
 
 def mistakes_png(items: list[tuple[np.ndarray | None, str, str, float]]) -> bytes:
     """A gallery of mistakes: (RGB image or None, true label, predicted label, confidence)."""
-    if not items:
+    cells = [(image, f"true {true}\npred {pred} ({conf:.2f})") for image, true, pred, conf in items]
+    return gallery_png(cells, "most confident mistakes (out of fold)", "no mistakes")
+
+
+def gallery_png(cells: list[tuple[np.ndarray | None, str]], title: str, empty: str) -> bytes:
+    """Images in a grid of at most four columns, each with its caption (None: caption only)."""
+    if not cells:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.axis("off")
-        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
         return _png(fig)
-    cols = min(4, len(items))
-    rows = math.ceil(len(items) / cols)
+    cols = min(4, len(cells))
+    rows = math.ceil(len(cells) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (image, true, pred, conf) in zip(axes.flat, items, strict=False):
+    for ax, (image, caption) in zip(axes.flat, cells, strict=False):
         if image is not None:
             ax.imshow(image)
-        ax.set_title(f"true {true}\npred {pred} ({conf:.2f})", fontsize=8)
-    fig.suptitle("most confident mistakes (out of fold)")
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
     return _png(fig)
 
 

@@ -1,17 +1,24 @@
 """The records a fold's run passes between its parts: the images it trains on and the limits of
-their loaders (``FoldData``, ``LoaderLimits``), what training returns (``FoldResult``) and what
-a finished fold reports (``FoldSummary``). Plain data, so every part of the loop can import it
-without importing the loop."""
+their loaders (``FoldData``, ``LoaderLimits``), the run the fold hands down to the loop
+(``FoldRun``), an epoch's history row (``EpochRow``), what training returns (``FoldResult``),
+what a finished fold reports (``FoldSummary``) and what a finished candidate reports
+(``CandidateReport``). Plain data, so every part of the loop can import it without importing
+the loop."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from darkroom.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:
+    from darkroom.config import RetrainConfig, TrainConfig
+    from darkroom.training.checkpoint import Checkpointer
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,47 @@ class FoldData:
     num_classes: int
     limits: LoaderLimits = field(default_factory=LoaderLimits)
     decoded: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochRow:
+    """One epoch of a fold: what ``on_epoch`` is given, and (as ``record()``) the row of the
+    history that checkpoints and fold.json keep. No validation (the refit): no ``val_``."""
+
+    epoch: int
+    lr: float
+    frozen_backbone: bool
+    train_loss: float
+    train_accuracy: float
+    train_f1_macro: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    val_f1_macro: float | None = None
+    seconds: float
+
+    def record(self) -> dict:
+        """The history row as stored (JSON, checkpoints): the fields that have a value."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_record(cls, record: dict) -> EpochRow:
+        return cls(**record)
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    """One fold's run, as the fold hands it down to the loop: on one device (``fit``) or on
+    several processes (``launch``)."""
+
+    data: FoldData
+    config: RetrainConfig  # its ``train`` is this fold's recipe (the refit's epoch count)
+    device: str  # auto, cpu, cuda, or the GPUs this fold holds (``cuda:2,3``)
+    on_epoch: Callable[[EpochRow], None] | None = None
+    checkpoint: Checkpointer | None = None  # the fold's StorageCheckpointer
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train
 
 
 @dataclass
@@ -84,3 +132,16 @@ class FoldSummary:
     def from_record(cls, record: dict) -> FoldSummary:
         """From a fold.json (which holds more than the summary)."""
         return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+
+@dataclass(frozen=True)
+class CandidateReport:
+    """What ``finalize_candidate`` wrote for a candidate (model.json holds the rest)."""
+
+    version: str
+    final_model: str  # best_fold, ensemble or refit
+    chosen_fold: int  # the best fold by the selection metric
+    sha256: str  # of the candidate's model.safetensors
+    cv: dict[str, dict[str, float]]  # metric -> mean and std across the folds
+    members: list[str] = field(default_factory=list)  # an ensemble's member weights
+    refit_epochs: int | None = None  # final_model="refit": the epochs the refit trained

@@ -4,12 +4,14 @@ and each subcommand routed to its own function."""
 from __future__ import annotations
 
 from darkroom.cli import main
+from darkroom.cli.commands import COMMANDS
+from darkroom.cli.flags import config_from_args
 from darkroom.config import RetrainConfig, ScoreConfig, TrainConfig
 
 
 def test_every_subcommand_runs_its_own_function():
     parser = main.build_parser()
-    for name in main.COMMANDS:
+    for name in COMMANDS:
         args = ["v1"] if name == "promote" else []
         func = parser.parse_args([name, *args]).func
         assert func.__name__ == "cmd_" + name.replace("-", "_"), name
@@ -32,16 +34,16 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
     path = tmp_path / "nightly.yaml"
     path.write_text("min_delta: 0.01\ntrain:\n  epochs: 3\n  backbone: resnet50\n")
     parser = main.build_parser()
-    config = main.config_from_args(
+    config = config_from_args(
         RetrainConfig, parser.parse_args(["retrain", "--config", str(path), "--epochs", "4"])
     )
     assert config.train.epochs == 4 and config.train.backbone == "resnet50"
     assert config.min_delta == 0.01 and config.train.lr == TrainConfig().lr
     toml = tmp_path / "score.toml"
     toml.write_text("chunk_size = 7\ntopk = 2\n")
-    score = main.config_from_args(
+    score = config_from_args(
         ScoreConfig, parser.parse_args(["score", "--config", str(toml), "--topk", "3"])
     )
     assert (score.chunk_size, score.topk) == (7, 3)
     a = parser.parse_args(["retrain", "--pretrained-file", "w.safetensors"])
-    assert main.config_from_args(RetrainConfig, a).train.pretrained  # a file asks for it
+    assert config_from_args(RetrainConfig, a).train.pretrained  # a file asks for it

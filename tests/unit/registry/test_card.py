@@ -6,6 +6,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard
 
 from darkroom.registry.card import CardFacts, render_card
+from darkroom.registry.evaluation import CandidateMetrics
 
 HOLDOUT = {
     "accuracy": 0.9792,
@@ -28,7 +29,7 @@ def _facts(**kw) -> CardFacts:
             "index_snapshot": "snap-1",
             "train_config": {"backbone": "resnet18", "epochs": 8, "lr": 0.002},
         },
-        metrics={"cv": {"accuracy": {"mean": 0.99, "std": 0.005}}, "holdout": HOLDOUT},
+        metrics=CandidateMetrics(cv={"accuracy": {"mean": 0.99, "std": 0.005}}, holdout=HOLDOUT),
         decision={"promote": True, "rule": "first champion: beats the majority class"},
         calibration={
             "temperature": 1.7,

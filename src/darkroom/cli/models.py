@@ -1,0 +1,130 @@
+"""The commands over the model registry: status, history, promote, rollback, compact."""
+
+from __future__ import annotations
+
+from darkroom import layout
+from darkroom.cli.commands import arg, command, fail
+from darkroom.cli.flags import GATE_FIELDS, config_from_args
+from darkroom.config import RetrainConfig, RuntimeConfig
+from darkroom.registry import pointer
+from darkroom.registry.evaluation import CandidateMetrics, read_metrics
+from darkroom.storage import open_storage
+
+
+@command(
+    "compact",
+    "merge a model version's small prediction files into larger ones",
+    only=("storage", "lease_seconds"),
+    args=[
+        arg("version", nargs="?", help="the model version (default: the champion)"),
+        arg("--rows", type=int, help="rows per merged file (default: 100000)"),
+    ],
+)
+def cmd_compact(a) -> int:
+    from darkroom.scoring.compaction import compact_predictions
+    from darkroom.storage.lease import held
+
+    config = config_from_args(RuntimeConfig, a)
+    storage = open_storage(config.storage)
+    champion, _ = pointer.read_champion(storage)
+    version = a.version or (champion.version if champion else None)
+    if version is None:
+        return fail(f"no champion in {storage.uri}: name the version to compact")
+    with held(storage, "score", config.lease_seconds):  # no scoring run meanwhile
+        r = compact_predictions(
+            storage, version, **({"rows_per_file": a.rows} if a.rows is not None else {})
+        )
+    print(f"{version}: {r.files_before} prediction files, now {r.files_after}")
+    return 0
+
+
+@command("status", "the champion, its metrics and the last promotion")
+def cmd_status(a) -> int:
+    storage = open_storage(config_from_args(RuntimeConfig, a).storage)
+    champion, _ = pointer.read_champion(storage)
+    if champion is None:
+        print(f"no champion in {storage.uri} yet: run `darkroom retrain`")
+        return 1
+    v = champion.version
+    metrics = read_metrics(storage, v) or CandidateMetrics()
+    meta = storage.read_json(layout.version(v, "model.json"), missing_ok=True) or {}
+    print(
+        f"champion: {v}  ({meta.get('backbone')}, {len(meta.get('classes', []))} classes, "
+        f"index {meta.get('index_snapshot')})"
+    )
+    print(f"  why: {champion.reason}  [{champion.action} at {champion.at}]")
+    for m, cv in metrics.cv.items():
+        if m in ("accuracy", "f1_macro"):
+            holdout = metrics.holdout[m]
+            print(f"  CV {m}: {cv['mean']:.4f} ± {cv['std']:.4f}   holdout {m}: {holdout:.4f}")
+    hist = pointer.history(storage)
+    if hist:
+        last = hist[-1]
+        print(
+            f"last promotion record: {last.action} {last.version} at {last.at} "
+            f"(previous: {last.previous})"
+        )
+    print(f"files: {storage.url(layout.version(v))}")
+    return 0
+
+
+@command(
+    "promote",
+    "make VERSION the champion (through the gate)",
+    (RetrainConfig,),
+    only=("storage", "cache_dir", "device", *GATE_FIELDS),
+    args=[arg("version"), arg("--force", action="store_true", help="skip the gate")],
+)
+def cmd_promote(a) -> int:
+    """Promotes a given version: through the gate on the current holdout unless --force."""
+    from darkroom.data.index import read_index
+    from darkroom.model.inference import load_version
+    from darkroom.registry import promotion
+
+    config = config_from_args(RetrainConfig, a)
+    storage = open_storage(config.storage)
+    champion, etag = pointer.read_champion(storage)
+    if champion and champion.version == a.version:
+        print(f"{a.version} is already the champion")
+        return 0
+    load_version(storage, a.version, config.device)  # refuses a missing or tampered model
+    if a.force:
+        rec = pointer.promote(
+            storage,
+            a.version,
+            expected_etag=etag,
+            action="manual-promote",
+            reason="manual promotion (--force, gate skipped)",
+            previous=champion.version if champion else None,
+            metrics=pointer.champion_metrics(storage, a.version),
+        )
+        print(f"champion is now {rec.version} (was {rec.previous})")
+        return 0
+    outcome = promotion.judge(storage, config, read_index(storage).snapshot, a.version)
+    print(outcome.decision.rule)
+    if not outcome.decision.promote:
+        print(f"{a.version} not promoted (use --force to promote anyway)")
+        return 1
+    outcome.decision.rule = f"manual promotion through the gate: {outcome.decision.rule}"
+    promotion.promote_candidate(storage, outcome, action="manual-promote")
+    now, _ = pointer.read_champion(storage)
+    print(f"champion is now {now.version} (was {outcome.champion_version})")
+    return 0 if outcome.promoted else 1
+
+
+@command("rollback", "return to the previous champion")
+def cmd_rollback(a) -> int:
+    rec = pointer.rollback(open_storage(config_from_args(RuntimeConfig, a).storage))
+    print(f"rolled back: champion is now {rec.version} (was {rec.previous})")
+    return 0
+
+
+@command("history", "every promotion and rollback, oldest first")
+def cmd_history(a) -> int:
+    records = pointer.history(open_storage(config_from_args(RuntimeConfig, a).storage))
+    if not records:
+        print("no promotions yet")
+    for r in records:
+        m = " ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
+        print(f"{r.at}  {r.action:<14} {r.version:<40} previous={r.previous} {m}\n    {r.reason}")
+    return 0
