@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo ui test test-fast bench lint format clean
+.PHONY: demo ui test test-fast bench lint format docs docs-serve clean
 
 # Installs the exact versions of constraints.txt (see docs/dependencies.md); reinstalls when
 # either file changes.
@@ -37,6 +37,15 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
+## Build the documentation site into site/ (mkdocs.yml; --strict: a broken link or a missing
+## page fails the build)
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+## Serve the documentation on http://127.0.0.1:8000, rebuilt as you edit docs/
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve -a 127.0.0.1:8000
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -47,4 +56,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf data .pytest_cache
+	rm -rf data .pytest_cache site
