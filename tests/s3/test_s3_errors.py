@@ -12,7 +12,7 @@ import time
 import boto3
 import pytest
 
-from tests.unit.test_cli import darkroom, one_line_error
+from tests.e2e.test_cli import darkroom, one_line_error
 
 NO_AWS_CONFIG = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
