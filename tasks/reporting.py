@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # torch-heavy modules: a flow's start-up does not load them f
     from darkroom.registry.promotion import Outcome
     from darkroom.training.records import CandidateReport, FoldSummary
 
-PLOTS = ("curves.png", "confusion.png", "per_class.png", "mistakes.png")
+PLOTS = ("curves.png", "confusion.png", "reliability.png", "per_class.png", "mistakes.png")
+PLOTS += ("label_issues.png",)
+LABEL_ISSUE_COLUMNS = ("rank", "key", "given_label", "suggested_label", "self_confidence")
 PROMOTED, REJECTED = "darkroom.model.promoted", "darkroom.model.rejected"
 
 
@@ -39,7 +41,7 @@ def publish_retrain(
             "fold": s.fold,
             "best_epoch": s.best_epoch,
             "val_images": s.val_images,
-            **{m: round(s.metrics[m], 4) for m in METRICS_SHOWN},
+            **{m: round(s.metrics[m], 4) for m in METRICS_SHOWN if m in s.metrics},
         }
         for s in folds
     ]
@@ -51,6 +53,14 @@ def publish_retrain(
         key="promotion-decision",
         description=f"Promotion decision for {outcome.version}",
     )
+    issues = candidate.label_issues
+    if issues is not None and issues.top:
+        create_table_artifact(
+            [{k: r[k] for k in LABEL_ISSUE_COLUMNS} for r in issues.top],
+            key="label-issues",
+            description=f"{issues.count} of {issues.examined} training labels of "
+            f"{outcome.version} look wrong (top {len(issues.top)}; darkroom changed none)",
+        )
     _plot_artifacts(storage, outcome.version)
     shown = lambda m: {k: m[k] for k in METRICS_SHOWN} if m else None  # noqa: E731
     emit_event(
@@ -78,6 +88,19 @@ def _plot_artifacts(storage: Storage, version: str) -> None:
                 create_image_artifact(url, key=f"plot-{plot}", description=f"{name} of {version}")
             except Exception as e:
                 get_run_logger().warning("could not publish %s as an image artifact: %s", name, e)
+
+
+def _calibration_line(outcome: Outcome) -> str:
+    c = outcome.calibration
+    if not c:
+        return "**Calibration:** none (confidences are the raw softmax)"
+    after = c.get("holdout_after") or {}
+    before = c.get("holdout_before") or {}
+    return (
+        f"**Calibration:** temperature {c['temperature']:.3f} ({c['reason']}); holdout ECE "
+        f"{before.get('ece', float('nan')):.4f} before, {after.get('ece', float('nan')):.4f} "
+        f"with the fitted temperature; fitted on {c.get('fitted_on', 'out-of-fold predictions')}"
+    )
 
 
 def _metrics_table(cv: dict, outcome: Outcome) -> list[str]:
@@ -151,6 +174,8 @@ def decision_markdown(storage: Storage, outcome: Outcome, cv: dict) -> str:
         "",
         f"Champion before this run: `{outcome.champion_version or 'none'}`",
         "",
+        _calibration_line(outcome),
+        "",
         *_metrics_table(cv, outcome),
         "",
         *_recall_table(outcome),
@@ -158,6 +183,8 @@ def decision_markdown(storage: Storage, outcome: Outcome, cv: dict) -> str:
         *_confusion_table(outcome.holdout),
         "",
         "Plots: " + ", ".join(f"[{p}]({base}{p})" for p in plots),
+        "",
+        f"Model card: [README.md]({base}README.md)",
         "",
         f"Files: `{base}`",
     ]

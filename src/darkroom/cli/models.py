@@ -128,3 +128,33 @@ def cmd_history(a) -> int:
         m = " ".join(f"{k}={v:.4f}" for k, v in r.metrics.items())
         print(f"{r.at}  {r.action:<14} {r.version:<40} previous={r.previous} {m}\n    {r.reason}")
     return 0
+
+
+@command(
+    "label-issues",
+    "the training images whose label looks wrong (darkroom changes none)",
+    args=[
+        arg("version", nargs="?", help="the model version (default: the champion)"),
+        arg("--top", type=int, default=20, help="rows to print (default: 20)"),
+    ],
+)
+def cmd_label_issues(a) -> int:
+    from darkroom.training.label_report import read_label_issues
+
+    storage = open_storage(config_from_args(RuntimeConfig, a).storage)
+    champion, _ = pointer.read_champion(storage)
+    version = a.version or (champion.version if champion else None)
+    if version is None:
+        return fail(f"no champion in {storage.uri}: name the version")
+    try:
+        report = read_label_issues(storage, version)
+    except FileNotFoundError:
+        return fail(f"{version} has no label-issue report (trained before darkroom made them)")
+    print(f"{len(report)} training images of {version} look mislabelled (most suspect first):")
+    for r in report.head(a.top).itertuples():
+        print(
+            f"{r.rank:>4}  {r.key}  given {r.given_label} -> suggested {r.suggested_label}"
+            f"  (p given {r.self_confidence:.3f}, p suggested {r.suggested_confidence:.3f})"
+        )
+    print(f"report: {storage.url(layout.label_issues(version))}")
+    return 0

@@ -178,11 +178,19 @@ class LoadedModel:
     def members(self) -> list[torch.nn.Module]:
         return [self.model, *self.extra_members]
 
+    @property
+    def temperature(self) -> float:
+        """The version's temperature (model.json's calibration; 1 for versions without one)."""
+        return temperature_of(self.meta)
+
     @torch.inference_mode()
-    def forward(self, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, tta: bool = False, calibrated: bool = True
+    ) -> torch.Tensor:
         """Class probabilities (fp32, on the device) of a batch: NHWC uint8 pixels at the
         model's size (normalised here), or tensors already normalised as ``build_transform``
-        makes them."""
+        makes them. ``calibrated``: divided by the version's temperature (for one network
+        without TTA, exactly the softmax of its logits over T)."""
         mode = run_mode(self.device)
         images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:  # NHWC pixels from scoring_images
@@ -191,7 +199,8 @@ class LoadedModel:
         views = [images, images.flip(-1)] if tta else [images]
         with torch.autocast(self.device.type, mode.autocast, enabled=mode.autocast is not None):
             p = [torch.softmax(m(v).float(), 1) for m in self.members for v in views]
-        return torch.stack(p).mean(0)
+        mean, t = torch.stack(p).mean(0), self.temperature if calibrated else 1.0
+        return mean if t == 1.0 else torch.softmax(torch.log(mean.clamp_min(1e-12)) / t, 1)
 
     def predict(
         self,
@@ -201,6 +210,7 @@ class LoadedModel:
         tta: bool = False,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         prefetch: int | None = None,
+        calibrated: bool = True,
     ) -> Predictions:
         """Class probabilities for ``paths`` (in order), and why any file was refused.
 
@@ -210,6 +220,7 @@ class LoadedModel:
             max_pixels: images with more pixels are refused from their header, undecoded.
             prefetch: batches a thread decodes ahead (0: decode, then run, in turn);
                 None: the device's ``RunMode.prefetch``.
+            calibrated: apply the version's temperature (False: the raw probabilities).
         """
         size = self.meta["image_size"]
         ds = scoring_images(paths, size, max_pixels)
@@ -220,7 +231,7 @@ class LoadedModel:
         batches = decoded_batches(ds, batch_size, num_workers, prefetch, mode.pin_memory)
         for images, idx, good in batches:
             stopping.check()
-            probs[idx] = self.forward(images, tta).cpu().numpy()
+            probs[idx] = self.forward(images, tta, calibrated).cpu().numpy()
             ok[idx] = good
         status, errors = ["ok"] * len(paths), [""] * len(paths)
         for i in np.flatnonzero(~ok):
@@ -250,8 +261,9 @@ def load_version(storage: Storage, version: str, device: str = "auto") -> Loaded
     file against the sha256 recorded in model.json."""
     dev = resolve_device(device)
     meta = storage.read_json(layout.version(version, "model.json"))
-    # The weights' hash is in the key: a rewritten version is never served from a stale copy.
-    cache_key = (storage.uri, version, meta.get("sha256"), str(dev))
+    # The weights' hash and the temperature are in the key: a rewritten version (a temperature
+    # fitted since) is never served from a stale copy.
+    cache_key = (storage.uri, version, meta.get("sha256"), temperature_of(meta), str(dev))
     with _LOAD_LOCK:  # chunk tasks in threads share one copy
         if cache_key not in _LOADED:
             cfg = TrainConfig(**meta["train_config"])
@@ -264,6 +276,11 @@ def load_version(storage: Storage, version: str, device: str = "auto") -> Loaded
             nets = [_load_net(storage, cfg, n, k, sha, dev) for k, sha in members]
             _LOADED[cache_key] = LoadedModel(version, meta, nets[0], dev, nets[1:])
         return _LOADED[cache_key]
+
+
+def temperature_of(meta: dict) -> float:
+    """The temperature a version's model.json holds (1 for versions trained before it)."""
+    return float((meta.get("calibration") or {}).get("temperature", 1.0))
 
 
 def align_probs(probs: np.ndarray, model_classes: list[str], classes: list[str]) -> np.ndarray:

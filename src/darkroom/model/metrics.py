@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
+from darkroom.model.calibration import calibration_scores
+
 # The scalar metrics a fold summary keeps and the cross-validation aggregates.
-SCALARS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "top5_accuracy")
+SCALARS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "ece")
+SCALARS += ("top5_accuracy",)
 
 
 def _macro_scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple:
@@ -33,7 +36,8 @@ def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, classes: list[str], train_counts: list[int] | None = None
 ) -> dict:
     """Accuracy, macro precision/recall/F1, top-1 (and top-5 with more than 5 classes), log
-    loss, confusion matrix, per-class accuracy and support.
+    loss, expected calibration error (15 bins), confusion matrix, per-class accuracy and
+    support.
 
     Args:
         y_true: class indices, shape (n,).
@@ -63,6 +67,7 @@ def classification_metrics(
         "log_loss": float(log_loss(y_true, np.clip(probs, 1e-12, 1), labels=labels))
         if len(y_true)
         else None,
+        "ece": calibration_scores(probs, y_true).ece if len(y_true) else None,
         "confusion_matrix": cm.tolist(),
         "per_class_accuracy": {
             c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from darkroom.registry.evaluation import CandidateMetrics
+from darkroom import layout
+from darkroom.data.index import read_index
+from darkroom.registry.evaluation import CandidateMetrics, read_metrics
+from darkroom.storage import Storage
 
 CARD_METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "ece")
 RECIPE_FIELDS = ("backbone", "pretrained", "image_size", "epochs", "batch_size", "optimizer")
@@ -131,7 +134,7 @@ def _metrics(facts: CardFacts) -> str:
         c = cv.get(name)
         cv_text = f"{c['mean']:.4f} ± {c['std']:.4f}" if isinstance(c, dict) else "–"
         h = holdout.get(name)
-        rows.append(f"| {name} | {cv_text} | {h:.4f} |" if h is not None else "")
+        rows.append(f"| {name} | {cv_text} | {_num(h)} |" if h is not None else "")
     table = "\n".join(r for r in rows if r)
     return "## Metrics\n\n| metric | cross-validation | holdout |\n|---|---|---|\n" + table
 
@@ -161,11 +164,15 @@ def _per_class(facts: CardFacts) -> str:
     acc = holdout.get("per_class_accuracy") or {}
     support = holdout.get("per_class_support") or {}
     rows = [
-        f"| {name} | {facts.class_counts.get(name, '–')} | {support.get(name, '–')} | {a:.4f} |"
+        f"| {name} | {facts.class_counts.get(name, '–')} | {support.get(name, '–')} | {_num(a)} |"
         for name, a in acc.items()
     ]
     head = "| class | training images | holdout images | holdout accuracy |\n|---|---|---|---|\n"
     return "## Per class\n\n" + head + "\n".join(rows) if rows else ""
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def _label_issues(facts: CardFacts) -> str:
@@ -178,8 +185,8 @@ def _label_issues(facts: CardFacts) -> str:
         for r in li.get("top", [])[:10]
     ]
     return (
-        f"## Label issues\n\n{li['count']} training images look mislabelled (estimated noise "
-        f"rate {li['noise_rate']:.1%}; confident learning on out-of-fold predictions). darkroom "
+        f"## Label issues\n\n{li['count']} training images look mislabelled ({li['noise_rate']:.1%}"
+        " of the training images; confident learning on out-of-fold predictions). darkroom "
         "changed none of them: see `reports/label_issues/` and `darkroom label-issues`.\n\n"
         "| image | given | suggested | confidence in given |\n|---|---|---|---|\n" + "\n".join(rows)
     )
@@ -198,3 +205,35 @@ def _plots(facts: CardFacts) -> str:
         f"### {PLOTS[name]}\n\n![{PLOTS[name]}]({name})" for name in PLOTS if name in facts.plots
     ]
     return "## Plots\n\n" + "\n\n".join(shown) if shown else ""
+
+
+def write_card(storage: Storage, version: str) -> str:
+    """Renders the version's card from its folder (model.json, metrics.json, decision.json,
+    the label-issue report, the plots present) and writes ``models/<version>/README.md``."""
+    meta = storage.read_json(layout.version(version, "model.json"))
+    rows, classes, _ = read_index(storage, meta["index_snapshot"])
+    train = rows[rows["split"] == "train"]
+    counts = train["label"].value_counts()
+    facts = CardFacts(
+        version=version,
+        meta=meta,
+        metrics=read_metrics(storage, version) or CandidateMetrics(),
+        decision=storage.read_json(layout.version(version, "decision.json"), missing_ok=True),
+        calibration=meta.get("calibration"),
+        label_issues=_label_issue_facts(storage, version, len(train)),
+        class_counts={c: int(counts.get(c, 0)) for c in classes},
+        holdout_size=int((rows["split"] == "holdout").sum()),
+        plots=[name for name in PLOTS if storage.exists(layout.version(version, name))],
+    )
+    key = layout.version(version, "README.md")
+    storage.write_text(key, render_card(facts))
+    return key
+
+
+def _label_issue_facts(storage: Storage, version: str, examined: int) -> dict | None:
+    try:
+        report = storage.read_parquet(layout.label_issues(version))
+    except FileNotFoundError:
+        return None  # a version trained before label-issue reports
+    share = len(report) / examined if examined else 0.0
+    return {"count": len(report), "noise_rate": share, "top": report.head(10).to_dict("records")}

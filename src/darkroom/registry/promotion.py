@@ -10,14 +10,19 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from darkroom import layout
 from darkroom.config import RetrainConfig
 from darkroom.data.fetch import local_paths
 from darkroom.data.index import read_index
 from darkroom.data.labels import DatasetError
 from darkroom.model import metrics as mx
+from darkroom.model.calibration import apply_temperature
 from darkroom.model.inference import align_probs, load_version
 from darkroom.registry import pointer as registry
+from darkroom.registry.calibrating import calibrate_candidate
+from darkroom.registry.card import write_card
 from darkroom.registry.evaluation import CandidateMetrics, write_metrics
 from darkroom.registry.gate import Decision, Holdout, decide
 from darkroom.storage import Storage
@@ -25,7 +30,7 @@ from darkroom.storage import Storage
 log = logging.getLogger(__name__)
 
 # The holdout metrics a promotion record, an event and the UI show.
-METRICS_SHOWN = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss")
+METRICS_SHOWN = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "ece")
 
 
 @dataclass
@@ -38,40 +43,59 @@ class Outcome:
     holdout: dict
     champion_holdout: dict | None = None
     champion_version: str | None = None
+    calibration: dict | None = None  # the candidate's temperature and its scores
 
 
-def evaluate_holdout(
-    storage: Storage, config: RetrainConfig, snapshot: str, version: str
-) -> Holdout:
-    """Metrics and per-image correctness of model ``version`` on the holdout rows of
-    ``snapshot`` (classes of the snapshot; a class the model does not know counts as a miss)."""
+def holdout_probs(
+    storage: Storage, config: RetrainConfig, snapshot: str, version: str, calibrated: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Model ``version``'s class probabilities on the holdout rows of ``snapshot`` (columns:
+    the snapshot's classes; a class the model does not know gets 0), the labels, the classes.
+    ``calibrated``: with the version's temperature."""
     df, classes, _ = read_index(storage, snapshot)
     rows = df[df["split"] == "holdout"]
     if rows.empty:
         raise DatasetError("the holdout is empty: add more labeled images")
     loaded = load_version(storage, version, config.device)
     paths = local_paths(storage, rows, config.cache_path(storage.uri))
-    probs, _ = loaded.predict_proba(paths, tta=config.tta, max_pixels=config.max_image_pixels)
-    probs = align_probs(probs, loaded.classes, classes)
-    y_true = rows["class_index"].to_numpy()
+    probs, _ = loaded.predict_proba(
+        paths, tta=config.tta, max_pixels=config.max_image_pixels, calibrated=calibrated
+    )
+    return align_probs(probs, loaded.classes, classes), rows["class_index"].to_numpy(), classes
+
+
+def holdout_result(probs: np.ndarray, y_true: np.ndarray, classes: list[str]) -> Holdout:
+    """Metrics and per-image correctness of one model's holdout probabilities."""
     # the top class the metrics score: their row normalisation keeps each row's argmax
     correct = (probs.argmax(1) == y_true).tolist()
     return Holdout(mx.classification_metrics(y_true, probs, classes), correct)
 
 
+def evaluate_holdout(
+    storage: Storage, config: RetrainConfig, snapshot: str, version: str
+) -> Holdout:
+    """Metrics and per-image correctness of model ``version`` (with its temperature) on the
+    holdout rows of ``snapshot``."""
+    return holdout_result(*holdout_probs(storage, config, snapshot, version))
+
+
 def judge(storage: Storage, config: RetrainConfig, snapshot: str, version: str) -> Outcome:
-    """Evaluates ``version`` and the current champion on ``snapshot``'s holdout and applies
-    the rules; moves nothing. The outcome keeps both models' metrics; the per-image results
-    stay here, summed up in the decision's discordant counts."""
+    """Calibrates ``version`` (its temperature, checked on the holdout), then evaluates it and
+    the current champion on ``snapshot``'s holdout and applies the rules; moves nothing. The
+    outcome keeps both models' metrics (calibrated); the per-image results stay here, summed
+    up in the decision's discordant counts."""
     champion, _ = registry.read_champion(storage)
     champion_version = champion.version if champion else None
-    holdout = evaluate_holdout(storage, config, snapshot, version)
+    raw, y_true, classes = holdout_probs(storage, config, snapshot, version, calibrated=False)
+    calibration = calibrate_candidate(storage, version, raw, y_true)
+    probs = apply_temperature(np.log(np.clip(raw, 1e-12, None)), calibration["temperature"])
+    holdout = holdout_result(probs, y_true, classes)
     champion_holdout = None
     if champion_version and champion_version != version:
         champion_holdout = evaluate_holdout(storage, config, snapshot, champion_version)
     decision = decide(holdout, champion_holdout, config)
     old = champion_holdout.metrics if champion_holdout else None
-    return Outcome(version, False, decision, holdout.metrics, old, champion_version)
+    return Outcome(version, False, decision, holdout.metrics, old, champion_version, calibration)
 
 
 def record_candidate(storage: Storage, outcome: Outcome, folds: list[dict]) -> CandidateMetrics:
@@ -83,16 +107,19 @@ def record_candidate(storage: Storage, outcome: Outcome, folds: list[dict]) -> C
     metrics = CandidateMetrics(folds, mx.aggregate(folds), outcome.holdout)
     write_metrics(storage, outcome.version, metrics)
     storage.write_json(layout.version(outcome.version, "decision.json"), decision_record(outcome))
+    write_card(storage, outcome.version)
     return metrics
 
 
 def decision_record(outcome: Outcome) -> dict:
-    """decision.json: the rule's verdict and both models' holdout metrics."""
+    """decision.json: the rule's verdict, both models' holdout metrics (calibrated, ECE
+    included) and the candidate's temperature."""
     return {
         **asdict(outcome.decision),
         "champion_version": outcome.champion_version,
         "champion_holdout": outcome.champion_holdout,
         "challenger_holdout": outcome.holdout,
+        "calibration": outcome.calibration,
     }
 
 

@@ -4,6 +4,7 @@ plots."""
 
 from __future__ import annotations
 
+import logging
 import platform
 from datetime import UTC, datetime
 
@@ -19,7 +20,10 @@ from darkroom.model import metrics as mx
 from darkroom.model.backbone import create_model, hub_config, sha256
 from darkroom.storage import Storage
 from darkroom.training import plots
+from darkroom.training.label_report import write_label_issues
 from darkroom.training.records import CandidateReport, EpochRow, FoldSummary
+
+log = logging.getLogger(__name__)
 
 
 def finalize_candidate(
@@ -53,7 +57,15 @@ def finalize_candidate(
         meta["ensemble"] = [{"key": layout.member(s.fold), "sha256": s.sha256} for s in folds]
     _write_timm_configs(storage, cfg, version, classes, best, folds)
     storage.write_json(layout.version(version, "model.json"), meta)
-    cv = _write_reports(storage, version, folds, classes, rows)
+    cv, oof = _write_reports(storage, version, folds, classes, rows)
+    issues = write_label_issues(storage, version, oof, classes)
+    log.info(
+        "%s: %d of %d training labels look wrong (estimated noise rate %.1f%%)",
+        version,
+        issues.count,
+        issues.examined,
+        100 * issues.noise_rate,
+    )
     return CandidateReport(
         version=version,
         final_model=cfg.final_model,
@@ -62,6 +74,7 @@ def finalize_candidate(
         cv=cv,
         members=[m["key"] for m in meta.get("ensemble", [])],
         refit_epochs=meta.get("refit_epochs"),
+        label_issues=issues,
     )
 
 
@@ -101,9 +114,11 @@ def _model_meta(
     }
 
 
-def _write_reports(storage: Storage, version: str, folds: list[FoldSummary], classes, rows) -> dict:
+def _write_reports(
+    storage: Storage, version: str, folds: list[FoldSummary], classes, rows
+) -> tuple[dict, pd.DataFrame]:
     """oof.parquet, oof_metrics.json and the plots of a candidate; returns the folds' mean and
-    std of each metric."""
+    std of each metric, and the out-of-fold rows."""
     key = lambda name: layout.version(version, name)  # noqa: E731
     oof = pd.concat(
         [storage.read_parquet(layout.fold(version, s.fold, "oof.parquet")) for s in folds],
@@ -139,7 +154,7 @@ def _write_reports(storage: Storage, version: str, folds: list[FoldSummary], cla
         ),
     )
     storage.write_bytes(key("mistakes.png"), _mistakes_png(storage, oof, classes))
-    return cv
+    return cv, oof
 
 
 def _mistakes_png(storage: Storage, oof: pd.DataFrame, classes: list[str], n: int = 16) -> bytes:

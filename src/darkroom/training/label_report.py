@@ -9,8 +9,6 @@ version (``label_issues.png``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import pandas as pd
 
@@ -19,24 +17,10 @@ from darkroom.data.images import UnreadableImage, decode_rgb
 from darkroom.storage import Storage
 from darkroom.training import plots
 from darkroom.training.label_issues import find_label_issues
+from darkroom.training.records import LabelIssueSummary
 
 SHEET_SIZE = 16  # images on the contact sheet
 TOP_ROWS = 20  # rows the summary (and the UI's table) carries
-
-
-@dataclass(frozen=True)
-class LabelIssueSummary:
-    """What a report found: how many images, the estimated share of wrong labels among the
-    training images, and the top rows (key, given, suggested, confidences)."""
-
-    version: str
-    examined: int
-    count: int
-    noise_rate: float
-    top: list[dict]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def find_in_oof(oof: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, float]:

@@ -145,3 +145,19 @@ class CandidateReport:
     cv: dict[str, dict[str, float]]  # metric -> mean and std across the folds
     members: list[str] = field(default_factory=list)  # an ensemble's member weights
     refit_epochs: int | None = None  # final_model="refit": the epochs the refit trained
+    label_issues: LabelIssueSummary | None = None  # training labels that look wrong
+
+
+@dataclass(frozen=True)
+class LabelIssueSummary:
+    """What a report found: how many images, the estimated share of wrong labels among the
+    training images, and the top rows (key, given, suggested, confidences)."""
+
+    version: str
+    examined: int
+    count: int
+    noise_rate: float
+    top: list[dict]
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -94,3 +94,9 @@ def test_a_version_without_calibration_or_decision_says_so():
     text = render_card(_facts(calibration=None, decision=None, label_issues=None))
     assert "No temperature was fitted" in text and "Not judged by the gate yet" in text
     assert "## Label issues" not in text
+
+
+def test_a_class_without_holdout_images_shows_a_dash():
+    holdout = {**HOLDOUT, "per_class_accuracy": {"0": 1.0, "1": None}}
+    text = render_card(_facts(metrics=CandidateMetrics(holdout=holdout)))
+    assert "| 1 | 130 | 20 | – |" in text

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from darkroom.training.calibration import (
+from darkroom.model.calibration import (
     Calibration,
     apply_temperature,
     calibrate,
