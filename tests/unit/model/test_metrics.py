@@ -143,7 +143,14 @@ def test_aggregate_of_real_fold_metrics():
     assert b["accuracy"] == pytest.approx(0.75)
     out = aggregate([a, b])
     assert out["accuracy"] == {"mean": pytest.approx(0.75), "std": pytest.approx(0.0)}
-    assert set(out) == {"accuracy", "precision_macro", "recall_macro", "f1_macro", "log_loss", "ece"}
+    assert set(out) == {
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "log_loss",
+        "ece",
+    }
 
 
 def test_aggregate_empty():
