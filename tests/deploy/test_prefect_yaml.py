@@ -22,6 +22,7 @@ from prefect.flows import load_flow_from_entrypoint
 from pydantic import TypeAdapter
 from rich.console import Console
 
+from darkroom.cli.demo import DEMO_TRAIN
 from darkroom.config import RetrainConfig, ScoreConfig, TrainConfig
 from darkroom.scoring.watch import ARRIVED, WatchConfig, resource_id
 from darkroom.storage import LocalStorage
@@ -184,10 +185,16 @@ def test_watch_incoming_runs_every_few_minutes():
     assert validated("watch-incoming")["config"] in (None, WatchConfig())
 
 
+DEMO_TRAIN_PARAMETERS = DEMO_TRAIN.model_dump(mode="json", exclude_defaults=True)
+
+
 @pytest.mark.parametrize(
-    "overrides", [{}, {"timezone": "Europe/Berlin", "watch_every": 60, "demo_train": {"epochs": 1}}]
+    "overrides",
+    [{}, {"timezone": "Europe/Berlin", "watch_every": 60, "demo_train": DEMO_TRAIN_PARAMETERS}],
 )
 def test_darkroom_serve_builds_the_same_deployments(overrides):
+    """What `darkroom serve` registers; with --demo, the nightly retrain trains the demo's
+    recipe (the CLI passes DEMO_TRAIN as ``demo_train``)."""
     served = {d.name: d for d in build_deployments(SPEC, **overrides)}
     assert set(served) == set(BY_NAME)
     tz = overrides.get("timezone", DEFS["timezone"])
@@ -198,12 +205,12 @@ def test_darkroom_serve_builds_the_same_deployments(overrides):
         assert d.concurrency_options.collision_strategy == limit(name).collision_strategy
         assert [t.expect for t in d.triggers] == [t.expect for t in triggers(name)]
         assert [t.enabled for t in d.triggers] == [t.enabled for t in triggers(name)]
-        if name != "nightly-retrain" or not overrides.get("demo"):
+        if name != "nightly-retrain" or not overrides.get("demo_train"):
             assert d.parameters == spec["parameters"]
     assert served["nightly-retrain"].schedules[0].schedule.cron == "0 2 * * *"
     every = served["watch-incoming"].schedules[0].schedule.interval
     assert every == timedelta(seconds=overrides.get("watch_every", DEFS["watch_every_seconds"]))
-    if overrides.get("demo"):  # trains in minutes on a CPU, without downloading weights
+    if overrides.get("demo_train"):  # trains in minutes on a CPU, without downloading weights
         config = flow_of("nightly-retrain").validate_parameters(
             served["nightly-retrain"].parameters
         )["config"]

@@ -40,7 +40,7 @@ MAX_RSS = 2 << 30  # the acceptance bound for a retrain at 32 px
 # ru_maxrss would carry the parent's over). Prefect's temporary server is a child: not counted.
 MEASURED = """
 import sys
-from darkroom.cli import main
+from darkroom.cli.main import main
 try:
     code = main(sys.argv[1:])
 finally:

@@ -13,14 +13,13 @@ from darkroom.config import RetrainConfig, RuntimeConfig, ScoreConfig
 from darkroom.storage import open_storage
 
 
-def _flows(name: str):
-    """``flows.<name>``, imported on demand: the core and its quick commands never load Prefect."""
-    import importlib
-
+def _prefect() -> None:
+    """Readies Prefect for a command that runs flows. Flows are imported inside the commands
+    that run them: the core and the quick commands never load Prefect."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    module = importlib.import_module(f"flows.{name}")
-    tempserver.confirm(importlib.import_module("tasks.deployments").settings_without)  # if wanted
-    return module
+    from tasks.deployments import settings_without
+
+    tempserver.confirm(settings_without)  # if wanted
 
 
 @command(
@@ -72,7 +71,9 @@ def cmd_retrain(a) -> int:
     config = config_from_args(RetrainConfig, a)
     _readable(config.storage, "retrain", labeled=True)
     _check_pretrained(config)
-    flows = _flows("retrain")
+    _prefect()
+    from flows import retrain as flows
+
     print(json.dumps(flows.brief(flows.nightly_retrain(config)), indent=2))
     return 0
 
@@ -94,7 +95,10 @@ def cmd_retrain(a) -> int:
 def cmd_score(a) -> int:
     config = config_from_args(ScoreConfig, a)
     _readable(config.storage, "score")
-    result = _flows("score").score_new_images(config, rescore=a.rescore)
+    _prefect()
+    from flows.score import score_new_images
+
+    result = score_new_images(config, rescore=a.rescore)
     print(json.dumps({k: v for k, v in result.items() if k != "files"}, indent=2))
     return 0
 
@@ -124,7 +128,10 @@ def cmd_score(a) -> int:
     ],
 )
 def cmd_serve(a) -> int:
-    return _flows("serve").serve(
+    _prefect()
+    from darkroom.cli.serve import serve
+
+    return serve(
         port=a.port,
         storage=getattr(a, "storage", None),
         cache_dir=getattr(a, "cache_dir", None),
@@ -174,7 +181,11 @@ def cmd_demo(a) -> int:
         print(f"wrote demo digits: {write_demo_data(storage)}")
     train = DEMO_TRAIN.model_copy(update={"epochs": a.epochs} if a.epochs else {})
     shared = runtime.model_dump(exclude={"storage"})
-    r = _flows("retrain").nightly_retrain(RetrainConfig(**shared, storage=storage.uri, train=train))
-    s = _flows("score").score_new_images(ScoreConfig(**shared, storage=storage.uri))
+    _prefect()
+    from flows.retrain import nightly_retrain
+    from flows.score import score_new_images
+
+    r = nightly_retrain(RetrainConfig(**shared, storage=storage.uri, train=train))
+    s = score_new_images(ScoreConfig(**shared, storage=storage.uri))
     print(report(storage, r, s))
     return 0
