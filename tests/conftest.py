@@ -28,6 +28,16 @@ TINY = DEMO_TRAIN.model_copy(
 LEARNS = TINY.model_copy(update={"epochs": 5, "batch_size": 4})
 
 
+def train_flags(recipe: TrainConfig = LEARNS, **update) -> list[str]:
+    """A recipe as ``darkroom retrain`` flags (no download: --no-pretrained)."""
+    r = recipe.model_copy(update=update)
+    return [
+        *("--backbone", r.backbone, "--no-pretrained", "--image-size", str(r.image_size)),
+        *("--folds", str(r.folds), "--epochs", str(r.epochs), "--batch-size", str(r.batch_size)),
+        *("--lr", str(r.lr), "--lr-min", str(r.lr_min), "--augment", r.augment),
+    ]
+
+
 # The DESIGN contracts as the tests state them (independently of the code's own constants).
 PREDICTION_COLUMNS = [
     "key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_digits
+from tests.conftest import train_flags, write_digits
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -34,23 +34,7 @@ def _retrain(storage, tmp_path, *extra: str, epochs: int = 12) -> list[str]:
         str(tmp_path / "cache"),
         "--device",
         "cpu",
-        "--backbone",
-        "test_resnet",
-        "--no-pretrained",
-        "--image-size",
-        "32",
-        "--folds",
-        "2",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "8",
-        "--lr",
-        "2e-3",
-        "--lr-min",
-        "1e-5",
-        "--augment",
-        "none",
+        *train_flags(epochs=epochs, batch_size=8),
         *extra,
     ]
 

@@ -24,7 +24,7 @@ import pytest
 from darkroom.data.index import read_index
 from darkroom.scoring.chunks import read_predictions
 from darkroom.storage import open_storage
-from tests.conftest import LEARNS, write_digits
+from tests.conftest import LEARNS, train_flags, write_digits
 from tests.hostile import BATTERY, LABELS_CSV, LIMIT, MISSING
 from tests.s3.conftest import AWS_ENV, list_keys
 
@@ -49,11 +49,7 @@ finally:
     print(f"\\nPEAK_RSS {hwm}", file=sys.stderr)
 sys.exit(code)
 """
-TRAIN_FLAGS = [
-    *("--backbone", LEARNS.backbone, "--no-pretrained", "--image-size", str(LEARNS.image_size)),
-    *("--folds", str(LEARNS.folds), "--epochs", str(LEARNS.epochs)),
-    *("--batch-size", str(LEARNS.batch_size), "--lr", str(LEARNS.lr), "--augment", LEARNS.augment),
-]
+TRAIN_FLAGS = train_flags(LEARNS)
 
 
 def _vm_hwm(pid: int) -> int | None:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkroom.scoring.chunks import PREDICTION_SCHEMA
-from tests.conftest import PREDICTION_COLUMNS
+from tests.conftest import PREDICTION_COLUMNS, train_flags
 from tests.s3.conftest import list_keys
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -78,21 +78,7 @@ def test_retrain_score_status_on_s3(s3_env, tmp_path):
         storage,
         "--cache-dir",
         str(cache),
-        "--backbone",
-        "test_resnet",
-        "--no-pretrained",
-        "--image-size",
-        "32",
-        "--folds",
-        "2",
-        "--epochs",
-        "5",  # enough to clear the gate's majority-class baseline
-        "--batch-size",
-        "4",
-        "--lr",
-        "0.002",
-        "--augment",
-        "none",
+        *train_flags(),  # LEARNS: 5 epochs clear the gate's majority-class baseline
     )
     summary = _json_tail(retrain.stdout)
     assert summary["skipped"] is False
