@@ -41,7 +41,7 @@ class CardFacts:
     metrics: CandidateMetrics
     decision: dict | None = None  # decision.json
     calibration: dict | None = None  # model.json's calibration block
-    label_issues: dict | None = None  # count, noise_rate, top rows
+    label_issues: dict | None = None  # count, share (of the training images), top rows
     class_counts: dict[str, int] = field(default_factory=dict)  # training images per class
     holdout_size: int = 0
     plots: list[str] = field(default_factory=list)  # files present beside the card
@@ -185,7 +185,7 @@ def _label_issues(facts: CardFacts) -> str:
         for r in li.get("top", [])[:10]
     ]
     return (
-        f"## Label issues\n\n{li['count']} training images look mislabelled ({li['noise_rate']:.1%}"
+        f"## Label issues\n\n{li['count']} training images look mislabelled ({li['share']:.1%}"
         " of the training images; confident learning on out-of-fold predictions). darkroom "
         "changed none of them: see `reports/label_issues/` and `darkroom label-issues`.\n\n"
         "| image | given | suggested | confidence in given |\n|---|---|---|---|\n" + "\n".join(rows)
@@ -236,4 +236,4 @@ def _label_issue_facts(storage: Storage, version: str, examined: int) -> dict | 
     except FileNotFoundError:
         return None  # a version trained before label-issue reports
     share = len(report) / examined if examined else 0.0
-    return {"count": len(report), "noise_rate": share, "top": report.head(10).to_dict("records")}
+    return {"count": len(report), "share": share, "top": report.head(10).to_dict("records")}

@@ -39,7 +39,7 @@ def _facts(**kw) -> CardFacts:
         },
         label_issues={
             "count": 3,
-            "noise_rate": 0.02,
+            "share": 0.02,
             "top": [
                 {
                     "key": "labeled/1/a.png",
