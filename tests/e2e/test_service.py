@@ -39,7 +39,9 @@ def arrived_events(service, at_least: int = 0, timeout: float = 30) -> list[dict
 
 def test_serve_registers_the_three_deployments(service):
     deployments = {d["name"]: d for d in service.post("/deployments/filter", {"limit": 50})}
-    assert set(deployments) == {"nightly-retrain", "score-new-images", "watch-incoming"}
+    assert set(deployments) == {
+        "nightly-retrain", "score-new-images", "watch-incoming", "promote-version", "rollback"
+    }  # fmt: skip
     nightly = deployments["nightly-retrain"]
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert nightly["global_concurrency_limit"]["limit"] == 1
@@ -171,7 +173,7 @@ def test_prefect_deploy_registers_prefect_yaml_as_written(service):
     assert schedule["schedule"]["timezone"] == "UTC"
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
-    assert nightly["parameters"]["config"]["train"]["folds"] == 5
+    assert nightly["parameters"] == {"config": {}}  # prefect.yaml restates no default
     score = deployments["score-new-images"]
     assert score["schedules"][0]["schedule"]["cron"] == "0 * * * *"
     watch = deployments["watch-incoming"]

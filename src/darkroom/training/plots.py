@@ -1,6 +1,7 @@
 """PNG plots saved next to a model: training curves per fold, the confusion matrix, per-class
 accuracy against training images, galleries of images (the worst mistakes, the labels that
-look wrong), and the learning-rate range test."""
+look wrong), and the learning-rate range test. Each ``*_png`` saves its ``*_figure``, the
+matplotlib figure the tests read what is drawn from."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def _png(fig) -> bytes:
 
 
 def curves_png(histories: dict[int, list[EpochRow]]) -> bytes:
+    return _png(curves_figure(histories))
+
+
+def curves_figure(histories: dict[int, list[EpochRow]]):
     """One column per fold: train and validation loss (top) and accuracy (bottom) per epoch."""
     folds = sorted(histories)
     fig, axes = plt.subplots(
@@ -42,10 +47,15 @@ def curves_png(histories: dict[int, list[EpochRow]]) -> bytes:
             ax.set(title=f"fold {fold} {what}", xlabel="epoch" if row else None)
             ax.legend(fontsize=7)
     fig.suptitle("training curves (dotted line: the epoch kept)")
-    return _png(fig)
+    return fig
 
 
 def confusion_png(cm: list[list[int]], classes: list[str], title: str) -> bytes:
+    return _png(confusion_figure(cm, classes, title))
+
+
+def confusion_figure(cm: list[list[int]], classes: list[str], title: str):
+    """The counts as a heat map, each cell written in it (up to 30 classes)."""
     cm = np.asarray(cm)
     n = len(classes)
     size = min(2 + 0.5 * n, 20)
@@ -66,12 +76,17 @@ def confusion_png(cm: list[list[int]], classes: list[str], title: str) -> bytes:
                     fontsize=7,
                     color="white" if cm[i, j] > cm.max() / 2 else "black",
                 )
-    return _png(fig)
+    return fig
 
 
 def per_class_png(accuracy: dict[str, float | None], train_images: dict[str, int]) -> bytes:
+    return _png(per_class_figure(accuracy, train_images))
+
+
+def per_class_figure(accuracy: dict[str, float | None], train_images: dict[str, int]):
     """Per-class accuracy against the class's number of training images: rare classes that
-    do badly sit bottom left."""
+    do badly sit bottom left. A class without out-of-fold samples (accuracy None) has no
+    point."""
     classes = [c for c in accuracy if accuracy[c] is not None]
     x = [train_images.get(c, 0) for c in classes]
     y = [accuracy[c] for c in classes]
@@ -85,7 +100,7 @@ def per_class_png(accuracy: dict[str, float | None], train_images: dict[str, int
         title="per-class accuracy vs. training images",
         ylim=(-0.02, 1.05),
     )
-    return _png(fig)
+    return fig
 
 
 def mistakes_png(items: list[tuple[np.ndarray | None, str, str, float]]) -> bytes:
@@ -95,12 +110,16 @@ def mistakes_png(items: list[tuple[np.ndarray | None, str, str, float]]) -> byte
 
 
 def gallery_png(cells: list[tuple[np.ndarray | None, str]], title: str, empty: str) -> bytes:
+    return _png(gallery_figure(cells, title, empty))
+
+
+def gallery_figure(cells: list[tuple[np.ndarray | None, str]], title: str, empty: str):
     """Images in a grid of at most four columns, each with its caption (None: caption only)."""
     if not cells:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, empty, ha="center", va="center")
-        return _png(fig)
+        return fig
     cols = min(4, len(cells))
     rows = math.ceil(len(cells) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
@@ -111,10 +130,15 @@ def gallery_png(cells: list[tuple[np.ndarray | None, str]], title: str, empty: s
             ax.imshow(image)
         ax.set_title(caption, fontsize=8)
     fig.suptitle(title)
-    return _png(fig)
+    return fig
 
 
 def lr_finder_png(lrs: list[float], losses: list[float], suggested: float | None) -> bytes:
+    return _png(lr_finder_figure(lrs, losses, suggested))
+
+
+def lr_finder_figure(lrs: list[float], losses: list[float], suggested: float | None):
+    """The smoothed loss against the lr (log scale), the suggested lr as a dashed line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set(
@@ -126,4 +150,4 @@ def lr_finder_png(lrs: list[float], losses: list[float], suggested: float | None
     if suggested:
         ax.axvline(suggested, color="red", ls="--", label=f"suggested {suggested:.2e}")
         ax.legend()
-    return _png(fig)
+    return fig
