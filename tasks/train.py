@@ -10,7 +10,7 @@ from darkroom.config import RetrainConfig
 from darkroom.model import backbone as model
 from darkroom.model.backbone import resolve_device
 from darkroom.storage import open_storage
-from darkroom.training import candidate
+from darkroom.training import auto_lr, candidate
 from darkroom.training import fold as train
 from darkroom.training.records import CandidateReport, EpochRow
 from tasks.gpus import gpu_slot
@@ -22,6 +22,21 @@ from tasks.retry import io_task
 def check_pretrained(config: RetrainConfig) -> None:
     """Stops the run before any work when pretrained weights cannot be had (not retried)."""
     model.check_pretrained(config.train)
+
+
+@io_task(name="choose-lr", retries=2, retry_delay_seconds=30)
+def choose_lr(config: RetrainConfig, snapshot: str, version: str) -> float | None:
+    """``lr: auto``: the range test on the first fold's training rows picks the lr every fold
+    trains at (kept with the version; a rerun reads it back). None when the lr is a number."""
+    if not auto_lr.is_auto(config.train):
+        return None
+    storage = open_storage(config.storage)
+    with gpu_slot(config.device) as dev:
+        choice = auto_lr.choose(
+            storage, config.model_copy(update={"device": dev}), snapshot, version
+        )
+    get_run_logger().info("lr auto: %.3g, %s", choice.lr, choice.reason)
+    return choice.lr
 
 
 @io_task(task_run_name="train-fold-{fold}", retries=2, retry_delay_seconds=30)

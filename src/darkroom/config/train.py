@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -29,7 +29,12 @@ class TrainConfig(BaseModel):
     image_size: int = Field(224, ge=8, le=2048, description="Square input size in pixels.")
     batch_size: int = Field(32, ge=1, description="Training images per batch.")
     epochs: int = Field(5, ge=1, description="Passes over each fold's training rows.")
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (cosine from here to lr_min).")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        1e-4,
+        description="Peak learning rate (cosine from here to lr_min), or auto: the range test "
+        "on the first fold's training rows picks it before the folds (kept with the version "
+        "as lr_finder.json and lr_finder.png; lr_min is capped at it).",
+    )
     lr_min: float = Field(1e-5, ge=0, description="Learning rate at the end of the cosine.")
     weight_decay: float = Field(0.0, ge=0, description="The optimizer's weight decay.")
     folds: int = Field(5, ge=2, description="Stratified K-fold splits of the train rows.")
@@ -95,13 +100,12 @@ class TrainConfig(BaseModel):
         "best epoch count.",
     )
 
-    @field_validator("lr_min")
-    @classmethod
-    def _lr_min_below_lr(cls, v, info):
-        lr = info.data.get("lr")
-        if lr is not None and v > lr:
-            raise ValueError(f"lr_min ({v}) must not exceed lr ({lr})")
-        return v
+    @model_validator(mode="after")
+    def _lr_min_below_lr(self):
+        # also when lr_min is left at its default; lr auto caps lr_min when it picks the lr
+        if self.lr != "auto" and self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
+        return self
 
     @model_validator(mode="after")
     def _mix_probs_add_up(self):

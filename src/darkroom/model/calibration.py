@@ -22,6 +22,10 @@ from scipy.special import logsumexp  # noqa: E402
 # A probability of exactly 0 has log -inf; the floor keeps the NLL finite, no realistic one moves.
 PROB_FLOOR = 1e-12
 LOG_FLOOR = math.log(PROB_FLOOR)
+# A temperature fitted on predictions with (almost) no mistakes runs to its lower bound: the NLL
+# of rows that are all right only falls as T sharpens them. Below this many mistakes the fit says
+# nothing about the model's errors, so T stays 1 (the demo's chosen fold had none at all).
+MIN_MISTAKES = 5
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,8 @@ def calibrate(
     """
     if (holdout_log_probs is None) != (holdout_labels is None):
         raise ValueError("give both holdout_log_probs and holdout_labels, or neither")
-    fitted = fit_temperature(oof_log_probs, oof_labels)
+    mistakes = int((np.argmax(oof_log_probs, axis=1) != np.asarray(oof_labels)).sum())
+    fitted = fit_temperature(oof_log_probs, oof_labels) if mistakes >= MIN_MISTAKES else 1.0
 
     def scores(log_probs: np.ndarray, labels: np.ndarray, t: float) -> CalibrationScores:
         return calibration_scores(apply_temperature(log_probs, t), labels, bins)
@@ -264,6 +269,14 @@ def calibrate(
     hold_before = scores(holdout_log_probs, holdout_labels, 1.0) if holdout else None
     hold_after = scores(holdout_log_probs, holdout_labels, fitted) if holdout else None
     kept, reason = _judge(hold_before, hold_after, fitted)
+    if mistakes < MIN_MISTAKES:
+        kept, reason = (
+            True,
+            (
+                f"only {mistakes} mistakes in the {len(oof_labels)} predictions the fit would use "
+                f"(at least {MIN_MISTAKES} needed to fit a temperature): kept T = 1"
+            ),
+        )
     return Calibration(
         temperature=1.0 if kept else fitted,
         fitted_temperature=fitted,

@@ -19,7 +19,7 @@ from darkroom.data.index import read_index
 from darkroom.model import metrics as mx
 from darkroom.model.backbone import create_model, hub_config, sha256
 from darkroom.storage import Storage
-from darkroom.training import plots
+from darkroom.training import auto_lr, plots
 from darkroom.training.label_report import write_label_issues
 from darkroom.training.records import CandidateReport, EpochRow, FoldSummary
 
@@ -51,10 +51,7 @@ def finalize_candidate(
     )
     storage.write_bytes(layout.version(version, "model.safetensors"), weights)
     meta = _model_meta(cfg, snapshot, version, classes, best, sha256(weights))
-    if cfg.final_model == "refit":
-        meta["refit_epochs"] = source.epochs_run
-    if cfg.final_model == "ensemble":
-        meta["ensemble"] = [{"key": layout.member(s.fold), "sha256": s.sha256} for s in folds]
+    meta.update(_how_trained(storage, cfg, version, source, folds))
     _write_timm_configs(storage, cfg, version, classes, best, folds)
     storage.write_json(layout.version(version, "model.json"), meta)
     cv, oof = _write_reports(storage, version, folds, classes, rows)
@@ -89,6 +86,21 @@ def _write_timm_configs(storage: Storage, cfg: TrainConfig, version, classes, be
             storage.write_json(
                 layout.version(version, layout.member(s.fold, "config.json")), config
             )
+
+
+def _how_trained(
+    storage: Storage, cfg: TrainConfig, version: str, source: FoldSummary, folds
+) -> dict:
+    """model.json's entries that depend on the recipe: the refit's epochs, the ensemble's
+    members, and what ``lr: auto`` chose."""
+    extra = {}
+    if cfg.final_model == "refit":
+        extra["refit_epochs"] = source.epochs_run
+    if cfg.final_model == "ensemble":
+        extra["ensemble"] = [{"key": layout.member(s.fold), "sha256": s.sha256} for s in folds]
+    if (lr_choice := auto_lr.read_choice(storage, version)) is not None:
+        extra["lr_choice"] = lr_choice.as_dict()
+    return extra
 
 
 def _model_meta(

@@ -20,6 +20,7 @@ from darkroom.data.index import read_index
 from darkroom.model import metrics as mx
 from darkroom.model.backbone import resolve_device, sha256, to_bytes
 from darkroom.storage import Storage
+from darkroom.training import auto_lr
 from darkroom.training.checkpoint import StorageCheckpointer
 from darkroom.training.fit import fit_run, release_memory
 from darkroom.training.records import FoldData, FoldResult, FoldRun, FoldSummary, LoaderLimits
@@ -53,19 +54,17 @@ def train_fold(
     Raises:
         NonFiniteLoss: training diverged; no fold.json is written, so the fold is never used.
     """
+    if (done := _trained(storage, version, fold, config.train)) is not None:
+        return done
+    config = auto_lr.resolve(storage, config, snapshot, version)  # lr auto: the version's lr
     cfg = config.train
     file = lambda name: _fold_file(version, fold, cfg, name)  # noqa: E731
-    if (done := _trained(storage, version, fold, cfg)) is not None:
-        return done
     train_rows, val_rows, classes, fold_cfg = _fold_rows(storage, snapshot, version, fold, cfg)
     t0 = time.perf_counter()
-    run = FoldRun(
-        _fold_data(storage, config, train_rows, val_rows, len(classes)),
-        config.model_copy(update={"train": fold_cfg}),
-        device or config.device,
-        on_epoch,
-        StorageCheckpointer(storage, file("checkpoint.pt")),
-    )
+    data = _fold_data(storage, config, train_rows, val_rows, len(classes))
+    checkpointer = StorageCheckpointer(storage, file("checkpoint.pt"))
+    config = config.model_copy(update={"train": fold_cfg})
+    run = FoldRun(data, config, device or config.device, on_epoch, checkpointer)
     result, weights, dev = _train_data(run)
     storage.write_bytes(file("model.safetensors"), weights)
     summary = FoldSummary(

@@ -22,6 +22,7 @@ from darkroom.training.steps import StepOptions, make_loader, to_device
 START_LR, END_LR = 1e-7, 10.0
 SMOOTHING = 0.98  # of the running mean of the loss
 DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum
+WARMUP = 10  # steps of the running mean that the suggestion ignores (see suggest)
 
 
 def _setup(paths, labels, num_classes: int, cfg: TrainConfig, device, num_workers: int):
@@ -91,15 +92,22 @@ def range_test(
 
 def suggest(lrs: Sequence[float], losses: Sequence[float]) -> dict:
     """The lr where the loss falls fastest (per decade of lr) before its minimum, and the lr at
-    the minimum. None when the test was too short to say."""
+    the minimum. None when the test was too short to say.
+
+    The first WARMUP steps are left out of the search when the descent is long enough: the
+    running mean is still settling there, and its small early wiggles, over a tiny span of lr,
+    look like the steepest descent of all (a 100-step test once chose its own first lr).
+    """
     if len(losses) < 3:
         return {"suggested_lr": None, "min_loss_lr": None}
     lo = int(np.argmin(losses))
     min_lr = float(lrs[lo])
     if lo < 2:
         return {"suggested_lr": min_lr / 10, "min_loss_lr": min_lr}
-    slope = np.gradient(np.asarray(losses[: lo + 1]), np.log10(np.asarray(lrs[: lo + 1])))
-    return {"suggested_lr": float(lrs[int(np.argmin(slope))]), "min_loss_lr": min_lr}
+    start = WARMUP if lo - WARMUP >= 2 else 0
+    span = slice(start, lo + 1)
+    slope = np.gradient(np.asarray(losses[span]), np.log10(np.asarray(lrs[span])))
+    return {"suggested_lr": float(lrs[start + int(np.argmin(slope))]), "min_loss_lr": min_lr}
 
 
 def _cycle(loader):

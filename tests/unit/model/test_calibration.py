@@ -141,6 +141,19 @@ def test_without_holdout_the_fit_is_applied_and_the_dict_round_trips():
         calibrate(oof, oof_labels, holdout_log_probs=oof)
 
 
+def test_predictions_without_enough_mistakes_fit_no_temperature():
+    """All right (one fold of easy data): the NLL would fall all the way to the lower bound."""
+    oof, oof_labels = _problem(9, scale=2.0, n=300)
+    right = oof.argmax(axis=1) == oof_labels
+    few_wrong = right | (np.cumsum(~right) <= 4)  # every right row and 4 mistakes
+    c = calibrate(oof[few_wrong], oof_labels[few_wrong], oof, oof_labels)
+    assert c.temperature == c.fitted_temperature == 1.0 and c.kept_identity
+    assert "only 4 mistakes" in c.reason
+    assert c.holdout_after == c.holdout_before
+    enough = right | (np.cumsum(~right) <= 5)
+    assert calibrate(oof[enough], oof_labels[enough]).fitted_temperature != 1.0
+
+
 def test_reliability_png_is_a_png_and_closes_its_figure():
     logits, labels = _problem(8, scale=5.0, n=500)
     t = fit_temperature(logits, labels)
