@@ -1,5 +1,5 @@
-"""Promotion tasks: measure the candidate against the champion, then record the decision and
-move the pointer when the gate says so."""
+"""Promotion tasks: measure the candidate against the champion, record the decision, then move
+the pointer when the gate (and, where one is asked, a person: tasks.approval) says so."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from prefect import get_run_logger
 
 from darkroom.config import RetrainConfig
 from darkroom.registry import promotion
+from darkroom.registry.evaluation import CandidateMetrics
 from darkroom.storage import open_storage
 from tasks.retry import io_task
 
@@ -19,12 +20,15 @@ def evaluate_candidate(config: RetrainConfig, snapshot: str, version: str) -> pr
     return outcome
 
 
-@io_task(task_run_name="promote-{outcome.version}")
-def promote_candidate(
+@io_task(task_run_name="record-{outcome.version}")
+def record_candidate(
     config: RetrainConfig, outcome: promotion.Outcome, fold_metrics: list[dict]
-) -> tuple[promotion.Outcome, dict]:
-    """Writes metrics.json and decision.json, then moves the champion pointer if the decision
-    says so. Returns the outcome and the candidate's metrics."""
-    storage = open_storage(config.storage)
-    metrics = promotion.record_candidate(storage, outcome, fold_metrics)
-    return promotion.promote_candidate(storage, outcome), metrics
+) -> CandidateMetrics:
+    """Writes metrics.json, decision.json and the model card of the candidate."""
+    return promotion.record_candidate(open_storage(config.storage), outcome, fold_metrics)
+
+
+@io_task(task_run_name="promote-{outcome.version}")
+def promote_candidate(config: RetrainConfig, outcome: promotion.Outcome) -> promotion.Outcome:
+    """Moves the champion pointer to the candidate if the decision says so."""
+    return promotion.promote_candidate(open_storage(config.storage), outcome)

@@ -73,48 +73,44 @@ def cmd_status(a) -> int:
     "make VERSION the champion (through the gate)",
     (RetrainConfig,),
     only=("storage", "cache_dir", "device", *GATE_FIELDS),
-    args=[arg("version"), arg("--force", action="store_true", help="skip the gate")],
+    args=[
+        arg("version"),
+        arg("--force", action="store_true", help="skip the gate"),
+        arg("--reason", default="", help="why (kept in the promotion record)"),
+    ],
 )
 def cmd_promote(a) -> int:
     """Promotes a given version: through the gate on the current holdout unless --force."""
-    from darkroom.data.index import read_index
-    from darkroom.model.inference import load_version
-    from darkroom.registry import promotion
+    from darkroom.registry import manual
 
     config = config_from_args(RetrainConfig, a)
     storage = open_storage(config.storage)
-    champion, etag = pointer.read_champion(storage)
-    if champion and champion.version == a.version:
-        print(f"{a.version} is already the champion")
-        return 0
-    load_version(storage, a.version, config.device)  # refuses a missing or tampered model
-    if a.force:
-        rec = pointer.promote(
-            storage,
-            a.version,
-            expected_etag=etag,
-            action="manual-promote",
-            reason="manual promotion (--force, gate skipped)",
-            previous=champion.version if champion else None,
-            metrics=pointer.champion_metrics(storage, a.version),
-        )
-        print(f"champion is now {rec.version} (was {rec.previous})")
-        return 0
-    outcome = promotion.judge(storage, config, read_index(storage).snapshot, a.version)
-    print(outcome.decision.rule)
-    if not outcome.decision.promote:
+    try:
+        change = manual.promote_version(storage, config, a.version, force=a.force, reason=a.reason)
+    except manual.GateRejected as e:
+        print(e.rule)
         print(f"{a.version} not promoted (use --force to promote anyway)")
         return 1
-    outcome.decision.rule = f"manual promotion through the gate: {outcome.decision.rule}"
-    promotion.promote_candidate(storage, outcome, action="manual-promote")
-    now, _ = pointer.read_champion(storage)
-    print(f"champion is now {now.version} (was {outcome.champion_version})")
-    return 0 if outcome.promoted else 1
+    if change.record is None:
+        print(f"{a.version} is already the champion")
+        return 0
+    if change.rule:
+        print(change.rule)
+    print(f"champion is now {change.champion} (was {change.previous})")
+    return 0
 
 
-@command("rollback", "return to the previous champion")
+@command(
+    "rollback",
+    "return to the previous champion (or to one the history names)",
+    args=[
+        arg("--to", dest="to_version", metavar="VERSION", help="a version from the history"),
+        arg("--reason", default="", help="why (kept in the promotion record)"),
+    ],
+)
 def cmd_rollback(a) -> int:
-    rec = pointer.rollback(open_storage(config_from_args(RuntimeConfig, a).storage))
+    storage = open_storage(config_from_args(RuntimeConfig, a).storage)
+    rec = pointer.rollback(storage, a.to_version, a.reason)
     print(f"rolled back: champion is now {rec.version} (was {rec.previous})")
     return 0
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from darkroom import layout
 from darkroom.registry.evaluation import read_metrics
+from darkroom.registry.tracking_client import champion_changed
 from darkroom.storage import PreconditionFailed, Storage
 
 
@@ -34,6 +35,8 @@ class Champion:
         at: when the pointer moved (ISO 8601, UTC).
         previous: the version it pointed at before; None for the first champion.
         metrics: the version's holdout metrics shown with it.
+        approval: a person's answer, where the retrain asked for one (require_approval):
+            answer, note, when.
     """
 
     version: str
@@ -42,6 +45,7 @@ class Champion:
     reason: str = ""
     previous: str | None = None
     metrics: dict = field(default_factory=dict)
+    approval: dict | None = None
 
     @classmethod
     def from_dict(cls, record: dict) -> Champion:
@@ -100,6 +104,7 @@ def promote(
     reason: str,
     metrics: dict | None = None,
     previous: str | None = None,
+    approval: dict | None = None,
 ) -> Champion:
     """Points the champion at ``version`` in one conditional write, then logs the record.
 
@@ -108,7 +113,7 @@ def promote(
     """
     verify(storage, version)
     now = datetime.now(UTC)
-    champion = Champion(version, action, now.isoformat(), reason, previous, metrics or {})
+    champion = Champion(version, action, now.isoformat(), reason, previous, metrics or {}, approval)
     record = champion.as_dict()
     try:
         if expected_etag is None:
@@ -118,6 +123,7 @@ def promote(
     except PreconditionFailed as e:
         raise PromotionLost(f"champion pointer changed meanwhile; {version} not promoted") from e
     storage.write_json(layout.promotion_record(now, version), record, if_none_match=True)
+    champion_changed(version)  # MLflow's champion alias follows (when tracking is on)
     return champion
 
 
@@ -139,31 +145,46 @@ def lineage(records: list[Champion]) -> list[str]:
     return stack
 
 
-def rollback(storage: Storage) -> Champion:
-    """Points the champion back at the one it replaced (one conditional write + a record).
+def rollback(storage: Storage, to_version: str | None = None, reason: str = "") -> Champion:
+    """Points the champion back at the one it replaced, or at ``to_version``, a version the
+    history names (one conditional write + a record, ``reason`` in it).
 
     Raises:
-        RegistryError: there is no champion, or none before it.
+        RegistryError: there is no champion, none before it, or ``to_version`` is the champion
+            or was never one.
         PromotionLost: the pointer changed meanwhile.
     """
     champion, etag = read_champion(storage)
     if champion is None:
         raise RegistryError("no champion yet: nothing to roll back")
-    chain = lineage(history(storage))
+    records = history(storage)
+    target = to_version or _previous_champion(storage, champion, records)
+    if target == champion.version:
+        raise RegistryError(f"{target} is already the champion: nothing to roll back")
+    if target not in {r.version for r in records}:
+        raise RegistryError(
+            f"{target} was never the champion (not in {storage.url(layout.PROMOTIONS)}): roll "
+            "back to a version `darkroom history` lists, or promote it"
+        )
+    return promote(
+        storage,
+        target,
+        expected_etag=etag,
+        action="rollback",
+        reason=f"rollback from {champion.version}" + (f": {reason}" if reason else ""),
+        previous=champion.version,
+        metrics=champion_metrics(storage, target),
+    )
+
+
+def _previous_champion(storage: Storage, champion: Champion, records: list[Champion]) -> str:
+    chain = lineage(records)
     if len(chain) < 2 or chain[-1] != champion.version:
         raise RegistryError(
             f"no previous champion before {champion.version} in "
             f"{storage.url(layout.PROMOTIONS)}: nothing to roll back to"
         )
-    return promote(
-        storage,
-        chain[-2],
-        expected_etag=etag,
-        action="rollback",
-        reason=f"rollback from {champion.version}",
-        previous=champion.version,
-        metrics=champion_metrics(storage, chain[-2]),
-    )
+    return chain[-2]
 
 
 def champion_metrics(storage: Storage, version: str) -> dict:

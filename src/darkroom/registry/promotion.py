@@ -31,6 +31,27 @@ log = logging.getLogger(__name__)
 
 # The holdout metrics a promotion record, an event and the UI show.
 METRICS_SHOWN = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "log_loss", "ece")
+# A person's answers to a candidate (RetrainConfig.require_approval).
+PENDING, APPROVED, REJECTED, TIMED_OUT = "pending", "approved", "rejected", "timed out"
+NOT_ASKED = "not asked"  # the gate rejected the candidate: approval never overrides it
+
+
+@dataclass
+class Approval:
+    """A person's answer to a candidate the gate accepted, where the retrain asks for one.
+
+    Attributes:
+        answer: PENDING (asked, no answer yet), APPROVED, REJECTED, TIMED_OUT (no answer
+            within ``timeout_seconds``) or NOT_ASKED (the gate rejected the candidate).
+        note: what the person wrote.
+        at: when the answer came (ISO 8601, UTC); empty while pending.
+        timeout_seconds: how long the run waited for it at most.
+    """
+
+    answer: str
+    note: str = ""
+    at: str = ""
+    timeout_seconds: int | None = None
 
 
 @dataclass
@@ -44,6 +65,11 @@ class Outcome:
     champion_holdout: dict | None = None
     champion_version: str | None = None
     calibration: dict | None = None  # the candidate's temperature and its scores
+    approval: Approval | None = None  # a person's answer, where one was asked for
+
+    def cleared(self) -> bool:
+        """The gate promotes the candidate and, where a person was asked, they approved."""
+        return self.decision.promote and (self.approval is None or self.approval.answer == APPROVED)
 
 
 def holdout_probs(
@@ -106,28 +132,35 @@ def record_candidate(storage: Storage, outcome: Outcome, folds: list[dict]) -> C
     """
     metrics = CandidateMetrics(folds, mx.aggregate(folds), outcome.holdout)
     write_metrics(storage, outcome.version, metrics)
-    storage.write_json(layout.version(outcome.version, "decision.json"), decision_record(outcome))
+    write_decision(storage, outcome)
     write_card(storage, outcome.version)
     return metrics
 
 
+def write_decision(storage: Storage, outcome: Outcome) -> None:
+    """decision.json of the candidate, as the outcome stands (again after a person answers)."""
+    storage.write_json(layout.version(outcome.version, "decision.json"), decision_record(outcome))
+
+
 def decision_record(outcome: Outcome) -> dict:
     """decision.json: the rule's verdict, both models' holdout metrics (calibrated, ECE
-    included) and the candidate's temperature."""
+    included), the candidate's temperature and a person's answer (None: none was asked for)."""
     return {
         **asdict(outcome.decision),
         "champion_version": outcome.champion_version,
         "champion_holdout": outcome.champion_holdout,
         "challenger_holdout": outcome.holdout,
         "calibration": outcome.calibration,
+        "approval": asdict(outcome.approval) if outcome.approval else None,
     }
 
 
 def promote_candidate(storage: Storage, outcome: Outcome, action: str = "promote") -> Outcome:
-    """Moves the champion pointer to the candidate when the decision says so: one conditional
-    write against the pointer as it was when the champion was measured. A promotion that lost
-    a race reports it in the rule and writes nothing."""
-    if not outcome.decision.promote:
+    """Moves the champion pointer to the candidate when the decision says so (and the person
+    asked, if any, approved): one conditional write against the pointer as it was when the
+    champion was measured. A promotion that lost a race reports it in the rule and writes
+    nothing."""
+    if not outcome.cleared():
         return outcome
     champion, etag = registry.read_champion(storage)
     current = champion.version if champion else None
@@ -148,6 +181,7 @@ def promote_candidate(storage: Storage, outcome: Outcome, action: str = "promote
             reason=decision.rule,
             previous=current,
             metrics={m: outcome.holdout[m] for m in METRICS_SHOWN if m in outcome.holdout},
+            approval=asdict(outcome.approval) if outcome.approval else None,
         )
     except registry.PromotionLost as e:
         log.warning("%s", e)

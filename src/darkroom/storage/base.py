@@ -11,7 +11,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -100,6 +100,14 @@ def _check_writable(key: str) -> None:
         raise PermissionError(f"darkroom never writes under {READ_ONLY_PREFIXES}: refused {key!r}")
 
 
+def _check_deletable(key: str) -> str:
+    """``key`` if darkroom may delete it: never a user's image, nor a labels file."""
+    _check_writable(key)
+    if key in layout.LABEL_FILES:
+        raise PermissionError(f"darkroom never deletes the labels file {key!r}")
+    return key
+
+
 class Storage:
     """Interface shared by the backends. ``uri`` identifies the root."""
 
@@ -142,6 +150,26 @@ class Storage:
 
     def _delete(self, key: str) -> None:
         raise NotImplementedError
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Removes many of darkroom's own objects (absent ones are fine) and returns those it
+        could not remove, with why. Every key is checked before any is removed.
+
+        Raises:
+            PermissionError: a key is a user's image (labeled/, incoming/) or a labels file;
+                nothing was removed.
+        """
+        return self._delete_many([_check_deletable(k) for k in keys])
+
+    def _delete_many(self, keys: list[str]) -> dict[str, str]:
+        """One delete per key; a backend with batched deletes does better."""
+        failed = {}
+        for key in keys:
+            try:
+                self._delete(key)
+            except OSError as e:
+                failed[key] = str(e)
+        return failed
 
     def put_source_object(self, key: str, data: bytes) -> str:
         """Adds a user image under labeled/ or incoming/: for the demo data and tests only.

@@ -48,11 +48,16 @@ def _dead_here(record: dict) -> bool:
 
 @dataclass
 class Lease:
+    """A held lease. ``version``: the model version the run works with (a retrain's candidate,
+    a scoring run's champion), recorded so that ``darkroom cleanup`` keeps it."""
+
     storage: Storage
     name: str
     ttl: float
     etag: str = ""
     record: dict = field(default_factory=dict)
+    version: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def key(self) -> str:
@@ -62,17 +67,20 @@ class Lease:
         now = datetime.now(UTC)
         acquired = self.record.get("acquired_at", now.isoformat())
         expires = (now + timedelta(seconds=self.ttl)).isoformat()
-        return {
-            "name": self.name,
-            "holder": _holder(),
-            "acquired_at": acquired,
-            "expires_at": expires,
-        }
+        record = {"name": self.name, "holder": _holder(), "acquired_at": acquired}
+        return {**record, "expires_at": expires, "version": self.version}
 
     def renew(self) -> None:
         """Pushes the expiry forward (only if the lease is still this one)."""
-        self.record = self._fresh()
-        self.etag = self.storage.write_json(self.key, self.record, if_match=self.etag)
+        with self._lock:  # the renewing thread and ``hold`` write one after the other
+            record = self._fresh()
+            self.etag = self.storage.write_json(self.key, record, if_match=self.etag)
+            self.record = record
+
+    def hold(self, version: str) -> None:
+        """Records that the run works with ``version`` (written at once)."""
+        self.version = version
+        self.renew()
 
     def release(self) -> None:
         if self.storage.etag(self.key) == self.etag:
@@ -92,6 +100,22 @@ def _refuse_if_live(storage: Storage, name: str, record: dict) -> None:
             f"pid {holder.get('pid')} since {record.get('acquired_at')} (lease until "
             f"{record.get('expires_at')}); wait for it to finish"
         )
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A live run's lease: the run (``name``: retrain, score) and the version it works with
+    (None until it names one)."""
+
+    name: str
+    version: str | None = None
+
+
+def live(storage: Storage) -> list[Holding]:
+    """The leases that live runs hold on ``storage`` now (any name)."""
+    records = (storage.read_json(o.key, missing_ok=True) for o in storage.list(layout.LEASES))
+    held = [r for r in records if isinstance(r, dict) and _live(r)]
+    return [Holding(r.get("name", "?"), r.get("version")) for r in held]
 
 
 def check_free(storage: Storage, name: str) -> None:

@@ -118,5 +118,18 @@ class LocalStorage(Storage):
     def _delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def _delete_many(self, keys: list[str]) -> dict[str, str]:
+        """Removes the files, then the folders they leave empty (up to the root)."""
+        failed = super()._delete_many(keys)
+        folders = {self._path(k).parent for k in keys}
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            while folder != self.root and folder.is_relative_to(self.root):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): its parents are not empty either
+                    break
+                folder = folder.parent
+        return failed
+
     def local_path(self, key: str) -> Path | None:
         return self._path(key)

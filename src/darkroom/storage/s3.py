@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 BODY_ATTEMPTS = 4
 BODY_BACKOFF_SECONDS = 0.2  # doubled after each broken read
 CHUNK_BYTES = 1 << 20  # a download's body is written this much at a time
+DELETE_BATCH = 1000  # keys per DeleteObjects request: S3's limit
 
 
 class S3Storage(Storage):
@@ -247,6 +248,21 @@ class S3Storage(Storage):
 
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def _delete_many(self, keys: list[str]) -> dict[str, str]:
+        """DeleteObjects, ``DELETE_BATCH`` keys a request; S3 answers per key."""
+        failed = {}
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": self._key(k)} for k in keys[start : start + DELETE_BATCH]]
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except Exception as e:
+                raise self.storage_error(e, f"delete {len(batch)} objects") from e
+            for err in resp.get("Errors", []):
+                failed[self._rel(err["Key"])] = f"{err.get('Code')}: {err.get('Message')}"
+        return failed
 
     def download(self, key: str, dest: Path, expected: ObjectInfo | None = None) -> None:
         """One GET streamed to a temp file beside ``dest``, checked, then renamed: no HEAD.
