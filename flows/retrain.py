@@ -17,10 +17,12 @@ from darkroom.registry import pointer
 from darkroom.registry.promotion import METRICS_SHOWN
 from darkroom.storage import lease, open_storage
 from darkroom.training.records import FoldSummary
+from tasks.approval import ask_approval
 from tasks.gpus import ensure_gpu_limit, visible_gpus
 from tasks.index import data_changes, rebuild_index
+from tasks.monitoring import keep_reference
 from tasks.naming import flow_options
-from tasks.promotion import evaluate_candidate, promote_candidate
+from tasks.promotion import evaluate_candidate, promote_candidate, record_candidate
 from tasks.reporting import publish_data_changes, publish_retrain
 from tasks.runners import (
     fold_resources,
@@ -30,18 +32,19 @@ from tasks.runners import (
     submit_bounded,
 )
 from tasks.sync import sync_labeled
-from tasks.train import check_pretrained, finalize_candidate, train_fold
+from tasks.tracking import track_retrain
+from tasks.train import check_pretrained, choose_lr, finalize_candidate, train_fold
 
 
 @flow(**flow_options("nightly-retrain", "retrain", RETRAIN_TIMEOUT_SECONDS))
 def nightly_retrain(config: RetrainConfig = RetrainConfig()) -> dict:
     """Retrains on the current labeled data and promotes the result only if it beats the
     champion on the same holdout. One retrain per storage root at a time (a lease)."""
-    with lease.held(open_storage(config.storage), "retrain", config.lease_seconds):
-        return _retrain(config)
+    with lease.held(open_storage(config.storage), "retrain", config.lease_seconds) as held:
+        return _retrain(config, held)
 
 
-def _retrain(config: RetrainConfig) -> dict:
+def _retrain(config: RetrainConfig, held: lease.Lease) -> dict:
     check_pretrained(config)
     synced = sync_labeled(config)
     index = rebuild_index(config, _run_label())
@@ -51,11 +54,16 @@ def _retrain(config: RetrainConfig) -> dict:
     version = candidate_version(config, index)
     if version is None:
         return {**result, "skipped": True, "version": _version_of(config, index)}
+    held.hold(version)  # the lease names it: darkroom cleanup keeps it while this runs
+    choose_lr(config, index.snapshot, version)
     folds = train_folds(config, index.snapshot, version)
     candidate = finalize_candidate(config, index.snapshot, version, folds)
     outcome = evaluate_candidate(config, index.snapshot, version)
-    outcome, _ = promote_candidate(config, outcome, [f.metrics for f in folds])
+    keep_reference(config, index.snapshot, version)  # what its scoring runs are compared with
+    record_candidate(config, outcome, [f.metrics for f in folds])
+    outcome = promote_candidate(config, ask_approval(config, outcome))  # a person first?
     publish_retrain(config.storage, outcome, folds, candidate)
+    track_retrain(config, version)  # MLflow, when MLFLOW_TRACKING_URI is set
     return {
         **result,
         "skipped": False,

@@ -13,6 +13,7 @@ from darkroom.config import SCORE_TIMEOUT_SECONDS, ScoreConfig
 from darkroom.scoring.chunks import ChunkResult
 from darkroom.scoring.plan import StreamedPlan, chunk_id
 from darkroom.storage import lease, open_storage
+from tasks.monitoring import check_drift
 from tasks.naming import flow_options
 from tasks.reporting import publish_scoring
 from tasks.runners import (
@@ -34,11 +35,12 @@ def score_new_images(config: ScoreConfig = ScoreConfig(), rescore: bool = False)
     """Scores the incoming images no model has scored yet; with ``rescore``, every image the
     current champion has not scored (older versions' predictions stay)."""
     storage = open_storage(config.storage)
-    with lease.held(storage, "score", config.lease_seconds):
+    with lease.held(storage, "score", config.lease_seconds) as held:
         version = read_champion(config)  # read once: a promotion mid-run does not mix versions
         if version is None:
             where = storage.url(layout.CHAMPION)
             raise NoChampion(f"no champion at {where}: run a retrain first")
+        held.hold(version)  # the lease names it: darkroom cleanup keeps it while this runs
         return _score(config, version, rescore)
 
 
@@ -70,6 +72,8 @@ def _score(config: ScoreConfig, version: str, rescore: bool) -> dict:
         result["failed"],
     )
     publish_scoring(result)
+    if result["scored"] and config.drift.enabled:
+        result["drift"] = check_drift(config, version, result["files"])
     return result
 
 

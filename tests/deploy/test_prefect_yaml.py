@@ -5,6 +5,7 @@ and deployments/automations.yaml holds valid Prefect automations."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import subprocess
@@ -19,7 +20,7 @@ from prefect.events import DeploymentEventTrigger, DeploymentTriggerTypes
 from prefect.events.schemas.automations import AutomationCore, EventTrigger
 from prefect.events.schemas.events import Resource
 from prefect.flows import load_flow_from_entrypoint
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 from rich.console import Console
 
 from darkroom.cli.demo import DEMO_TRAIN
@@ -57,9 +58,12 @@ def limit(name: str) -> ConcurrencyLimitConfig:
     return ConcurrencyLimitConfig(**BY_NAME[name]["concurrency_limit"])
 
 
-def test_three_deployments_of_the_three_flows():
+def test_every_deployment_runs_the_flow_it_is_named_after():
     assert PREFECT_YAML == ROOT / "deployments" / "prefect.yaml"
-    assert set(BY_NAME) == {"nightly-retrain", "score-new-images", "watch-incoming"}
+    assert set(BY_NAME) == {
+        "nightly-retrain", "score-new-images", "watch-incoming", "promote-version", "rollback",
+        "cleanup", "label-queue",
+    }  # fmt: skip
     for name in BY_NAME:  # each deployment is named after its flow
         assert flow_of(name).name == name
 
@@ -124,15 +128,46 @@ def test_nightly_retrain_runs_at_two_in_the_configured_timezone_and_never_overla
     lim = limit("nightly-retrain")
     assert lim.limit == 1 and lim.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
     assert d["work_pool"]["name"] == DEFS["work_pools"]["gpu"]["name"] == "darkroom-gpu"
-    assert not d.get("triggers")
+    (trigger,) = d["triggers"]  # early, on drift, only when labels were added since the champion
+    assert trigger["expect"] == ["darkroom.drift.detected"]
+    assert trigger["match"]["darkroom.labels-added"] == "true"
+    assert trigger["within"] == DEFS["drift_retrain_cooldown_seconds"] > 0
 
 
 def test_nightly_retrain_parameters_are_its_pydantic_config():
     config = validated("nightly-retrain")["config"]
     assert isinstance(config, RetrainConfig) and isinstance(config.train, TrainConfig)
-    given = BY_NAME["nightly-retrain"]["parameters"]["config"]["train"]
-    assert config.train.model_dump(include=set(given)) == given
     assert config.train.folds >= 2 and config.train.epochs >= 1
+
+
+def flow_defaults(name: str) -> dict:
+    """The flow's parameter defaults, pydantic configs as the JSON the UI's form shows."""
+    signature = inspect.signature(flow_of(name).fn).parameters.values()
+    return {
+        p.name: p.default.model_dump(mode="json") if isinstance(p.default, BaseModel) else p.default
+        for p in signature
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def restated(given: dict, defaults: dict, path: str = "") -> list[str]:
+    """The keys of ``given`` (nested) whose value is the default's."""
+    found = []
+    for key, value in given.items():
+        default = defaults.get(key, object())
+        if isinstance(value, dict) and isinstance(default, dict):
+            found += restated(value, default, f"{path}{key}.")
+        elif value == default:
+            found.append(f"{path}{key}: {value!r}")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_parameters_never_restate_a_default(name):
+    """A default lives once, in the pydantic config: prefect.yaml sets only what differs (a
+    restated default would silently stay behind when the config's default changes)."""
+    given = BY_NAME[name].get("parameters") or {}
+    assert restated(given, flow_defaults(name)) == []
 
 
 def test_score_new_images_is_triggered_by_arrivals_with_bursts_debounced():
@@ -200,7 +235,7 @@ def test_darkroom_serve_builds_the_same_deployments(overrides):
     tz = overrides.get("timezone", DEFS["timezone"])
     for name, d in served.items():
         spec = BY_NAME[name]
-        assert [s.schedule.timezone for s in d.schedules] == [tz]
+        assert [s.schedule.timezone for s in d.schedules] == [tz] * len(spec.get("schedules") or [])
         assert d.concurrency_limit == limit(name).limit
         assert d.concurrency_options.collision_strategy == limit(name).collision_strategy
         assert [t.expect for t in d.triggers] == [t.expect for t in triggers(name)]
@@ -223,7 +258,9 @@ def test_darkroom_serve_builds_the_same_deployments(overrides):
 def test_automations_validate_as_prefect_creates_them():
     """`prefect automation create --from-file` validates each one with AutomationCore."""
     by_name = {a.name: a for a in map(AutomationCore.model_validate, automations())}
-    assert set(by_name) == {"darkroom-nightly-retrain-failed", "darkroom-model-rejected"}
+    assert set(by_name) == {
+        "darkroom-nightly-retrain-failed", "darkroom-model-rejected", "darkroom-drift-detected"
+    }  # fmt: skip
     for a in by_name.values():
         assert a.enabled and isinstance(a.trigger, EventTrigger)
         assert a.trigger.posture == "Reactive" and a.trigger.threshold == 1

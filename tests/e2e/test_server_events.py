@@ -1,6 +1,8 @@
 """darkroom's events on a real Prefect server (`darkroom serve`, one server for this module):
 a burst of arrival events starts one scoring run (prefect.yaml's score-on-arrival trigger),
-and a retrain the gate rejects fires deployments/automations.yaml's rejection automation."""
+a retrain the gate rejects fires deployments/automations.yaml's rejection automation, and drift
+starts an early retrain only when labels were added (once per cooldown), else a labeling queue.
+(That a drifted scoring run emits the event is tests/e2e/test_drift.py's.)"""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 import pytest
 
 from darkroom.scoring.watch import ARRIVED, resource_id
+from tasks.monitoring import DRIFT_DETECTED, LABELS_ADDED
 from tasks.reporting import REJECTED
 from tests.conftest import write_digits
 from tests.e2e.service import TINY_RETRAIN, Service
@@ -92,3 +95,33 @@ def test_a_rejected_retrain_fires_the_rejection_automation(server):
         if e["resource"]["prefect.resource.id"] == rejection
     ]
     assert triggered["payload"]["triggering_event"]["id"] == rejected["id"]
+
+
+def _by_automation(server: Service, flow_name: str) -> list[dict]:
+    return [r for r in runs_of(server, flow_name) if r["created_by"]["type"] == "AUTOMATION"]
+
+
+def test_drift_retrains_early_only_with_new_labels_and_once_per_cooldown(server):
+    rid = resource_id(server.storage)
+
+    def drift(added: str, n: int) -> None:
+        resource = json.dumps({"prefect.resource.id": rid, LABELS_ADDED: added})
+        server.prefect("event", "emit", DRIFT_DETECTED, "--resource", resource, "-p", "{}")
+        events(server, [DRIFT_DETECTED], at_least=n)
+
+    before = len(_by_automation(server, "nightly-retrain"))
+    drift("false", 1)  # nothing new to learn from: people are asked for labels instead
+    deadline = time.monotonic() + 60
+    while not _by_automation(server, "label-queue") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(_by_automation(server, "label-queue")) == 1
+    assert len(_by_automation(server, "nightly-retrain")) == before
+    drift("true", 2)
+    drift("true", 3)  # within the cooldown (6 h): no second early retrain
+    deadline = time.monotonic() + 60
+    while len(_by_automation(server, "nightly-retrain")) == before:
+        assert time.monotonic() < deadline, "no early retrain started"
+        time.sleep(1)
+    time.sleep(10)  # the triggers service has seen the second event by now
+    assert len(_by_automation(server, "nightly-retrain")) == before + 1
+    assert len(_by_automation(server, "label-queue")) == 1

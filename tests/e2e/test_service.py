@@ -37,10 +37,11 @@ def arrived_events(service, at_least: int = 0, timeout: float = 30) -> list[dict
     return events
 
 
-def test_serve_registers_the_three_deployments(service):
+def test_serve_registers_every_deployment(service):
     deployments = {d["name"]: d for d in service.post("/deployments/filter", {"limit": 50})}
     assert set(deployments) == {
-        "nightly-retrain", "score-new-images", "watch-incoming", "promote-version", "rollback"
+        "nightly-retrain", "score-new-images", "watch-incoming", "promote-version", "rollback",
+        "cleanup", "label-queue",
     }  # fmt: skip
     nightly = deployments["nightly-retrain"]
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"

@@ -37,6 +37,10 @@ ENTRYPOINTS = {
     "nightly-retrain": "flows.retrain.nightly_retrain",
     "score-new-images": "flows.score.score_new_images",
     "watch-incoming": "flows.watch.watch_incoming",
+    "promote-version": "flows.promote_version.promote_version",
+    "rollback": "flows.rollback.rollback",
+    "cleanup": "flows.cleanup.cleanup",
+    "label-queue": "flows.label_queue.label_queue",
 }
 POOLS = ("darkroom-process", "darkroom-gpu")
 TINY_TRAIN = {

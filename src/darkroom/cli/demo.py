@@ -111,8 +111,21 @@ def report(storage: Storage, retrain: dict, scored: dict) -> str:
             f"{scored['scored']} scored now, {scored['failed']} failed",
             f"predictions for {v}: {len(preds)} rows; accuracy vs kept-aside labels: {acc:.4f} "
             f"({n} images)",
+            _drift_line(scored.get("drift")),
             f"model files: {storage.url(layout.version(v))}",
             f"predictions: {storage.url(layout.predictions(v))}",
             f"champion pointer: {storage.url(layout.CHAMPION)}",
         ]
+    )
+
+
+def _drift_line(drift: dict | None) -> str:
+    """The scoring run's drift verdict (none when nothing was scored)."""
+    if not drift:
+        return "drift: no report (nothing scored this run)"
+    expected = drift["expected_accuracy"]
+    shown = "unknown" if expected is None else f"{expected:.4f}"
+    return (
+        f"drift: {drift['verdict']}, {100 * drift['unfamiliar_share']:.1f}% unfamiliar, "
+        f"expected accuracy {shown} (report: {drift['url']})"
     )

@@ -13,6 +13,8 @@ import logging
 import sys
 
 import darkroom
+import darkroom.cli.cleanup  # noqa: F401  (registers darkroom cleanup)
+import darkroom.cli.labeling  # noqa: F401  (registers label-queue, import-labels)
 from darkroom.cli import models, run, tempserver  # noqa: F401  (run and models register their commands)
 from darkroom.cli.commands import COMMANDS, fail
 from darkroom.cli.flags import add_config_flags, explain

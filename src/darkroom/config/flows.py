@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from darkroom.config.runtime import RuntimeConfig
+from darkroom.config.monitoring import DriftConfig, ReferenceConfig
+from darkroom.config.runtime import RETRAIN_TIMEOUT_SECONDS, RuntimeConfig
 from darkroom.config.train import TrainConfig
 
 
@@ -30,6 +31,10 @@ class RetrainConfig(RuntimeConfig):
 
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="How the model is trained (the recipe)."
+    )
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig,
+        description="What each version keeps to judge later batches by (reference.npz).",
     )
     holdout_fraction: float = Field(
         0.1,
@@ -72,6 +77,21 @@ class RetrainConfig(RuntimeConfig):
         le=1,
         description="A challenger must beat the champion significantly: the exact McNemar "
         "test on the paired holdout predictions must give a p-value below this (1: off).",
+    )
+    require_approval: bool = Field(
+        False,
+        description="A candidate the gate accepts waits for a person before it becomes the "
+        "champion: the run pauses (Paused in the Prefect UI) with the decision's figures and a "
+        "form to approve or reject it, with a note. Approval never overrides a gate that "
+        "rejected.",
+    )
+    approval_timeout_seconds: int = Field(
+        12 * 3600,
+        ge=5,
+        le=RETRAIN_TIMEOUT_SECONDS // 2,
+        description="With require_approval: a candidate nobody answers for within this long is "
+        "not promoted (the run ends Failed: Prefect's pause timed out). At most half the run's "
+        "own 24 h limit, which covers the training too.",
     )
     max_failed_fraction: float = Field(
         0.0,
@@ -128,6 +148,10 @@ class ScoreConfig(RuntimeConfig):
     tta: bool = Field(False, description="Average the image and its horizontal flip.")
     low_confidence: float = Field(
         0.5, ge=0, le=1, description="Rows whose top probability is below this are flagged."
+    )
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig,
+        description="The drift report of each run against the champion's reference.",
     )
     chunk_timeout_seconds: int = Field(
         1800, ge=10, description="A scoring chunk still running after this long fails (retried)."

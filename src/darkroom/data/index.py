@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
@@ -20,17 +21,25 @@ import pandas as pd
 from darkroom import layout
 from darkroom.config import RetrainConfig
 from darkroom.data import labels as labels_file
-from darkroom.data.fetch import load_manifest
+from darkroom.data.fetch import (
+    CachedObject,
+    SyncReport,
+    fetch_objects,
+    load_manifest,
+    save_manifest,
+)
 from darkroom.data.labels import DatasetError
 from darkroom.data.names import is_image_key
 from darkroom.data.progress import Progress
 from darkroom.data.rows import COLUMNS, build_index
-from darkroom.data.sync import load_refused
+from darkroom.data.sync import check_complete, load_refused
 from darkroom.storage import Storage
 
 log = logging.getLogger(__name__)
 
 NUMERIC_DEFAULTS = ["class_index", "fold", "width", "height", "channels"]
+# The cache manifest of the images under incoming/ that the labels file labels.
+LABELED_INCOMING_MANIFEST = "labels/incoming/"
 
 
 def read_label_file(storage: Storage) -> dict[str, str]:
@@ -142,8 +151,8 @@ def require_labeled(storage: Storage) -> None:
 def rebuild_index(
     storage: Storage, config: RetrainConfig, run_name: str, progress: Progress = None
 ) -> IndexResult:
-    """The index stage: indexes the synced labeled images (reusing the previous snapshot's
-    rows for unchanged objects), writes the snapshot, the pointer and a quarantine report of
+    """The index stage: indexes the synced labeled images and the images under incoming/ that
+    the labels file labels (reusing the previous snapshot's rows for unchanged objects), writes the snapshot, the pointer and a quarantine report of
     unusable images, of objects the sync refused and of labels-file rows naming no object."""
     cache = config.cache_path(storage.uri)
     objects = load_manifest(cache, layout.LABELED)
@@ -154,6 +163,7 @@ def rebuild_index(
         previous = read_index(storage).rows
     file = labels_file.read_labels(storage)
     labels_file.check_spellings(file, filter(None, map(layout.label_from_key, objects)))
+    objects = {**objects, **labeled_incoming(storage, config, file.keys_under(layout.INCOMING))}
     cfg = config.train
     df, classes = build_index(
         objects,
@@ -175,6 +185,36 @@ def rebuild_index(
     summary.excluded = dict(Counter(summary.excluded) + Counter(r["status"] for r in extra))
     quarantine = _write_quarantine(storage, run_name, df[df["status"] != "ok"], extra)
     return IndexResult(pointer["snapshot"], pointer["key"], classes, len(df), summary, quarantine)
+
+
+def labeled_incoming(
+    storage: Storage, config: RetrainConfig, keys: list[str]
+) -> dict[str, CachedObject]:
+    """The images under incoming/ that the labels file names (people's answers), in the cache
+    beside the synced labeled images (a local root is read in place): they join the index as
+    labeled images. Only what changed since the last index is downloaded.
+
+    Raises:
+        SyncIncomplete: more of them failed to download than ``config.max_failed_fraction``.
+    """
+    wanted = {k for k in keys if is_image_key(k)}
+    if not wanted:
+        return {}
+    cache = config.cache_path(storage.uri)
+    old = load_manifest(cache, LABELED_INCOMING_MANIFEST)
+    listed = [o for o in storage.list(layout.INCOMING) if o.key in wanted]
+    kept = {
+        o.key: old[o.key]
+        for o in listed
+        if o.key in old and old[o.key].etag == o.etag and Path(old[o.key].path).exists()
+    }
+    report = SyncReport(prefix=layout.INCOMING, listed=len(listed))
+    todo = [o for o in listed if o.key not in kept]
+    fetched = fetch_objects(storage, todo, cache, report, config.download_concurrency)
+    check_complete(report, storage.url(layout.INCOMING), config.max_failed_fraction)
+    entries = {**kept, **fetched}
+    save_manifest(cache, LABELED_INCOMING_MANIFEST, entries)
+    return entries
 
 
 def _write_quarantine(storage: Storage, run: str, bad: pd.DataFrame, extra: list[dict]):

@@ -1,5 +1,6 @@
 """The optional labels file at the root (``labels.parquet`` or ``labels.csv``, columns key and
-label): label overrides for images under ``labeled/``, and what is wrong with them.
+label): label overrides for images under ``labeled/``, labels of images under ``incoming/``
+(people's answers, which ``darkroom import-labels`` appends), and what is wrong with them.
 
 A labels file is the user's word, so darkroom never settles a doubt in it on its own: a key
 given two labels is excluded (status "conflicting_label_file"), a key naming no object is
@@ -45,13 +46,18 @@ class LabelFile:
         """Report rows (key, label, status, error) for keys that name no object."""
         rows = []
         for key in sorted((self.labels.keys() | self.conflicts.keys()) - set(present)):
-            error = f"{self.name} labels this key but there is no such object under labeled/"
+            under = layout.INCOMING if key.startswith(layout.INCOMING) else layout.LABELED
+            error = f"{self.name} labels this key but there is no such object under {under}"
             if key in self.conflicts:
                 error += f"; {self._conflict(key)}"
             rows.append(
                 {"key": key, "label": self.labels.get(key, ""), "status": MISSING, "error": error}
             )
         return rows
+
+    def keys_under(self, prefix: str) -> list[str]:
+        """The keys the file names (labelled or in conflict) under ``prefix``, sorted."""
+        return sorted(k for k in self.labels.keys() | self.conflicts.keys() if k.startswith(prefix))
 
 
 def read_labels(storage: Storage) -> LabelFile:

@@ -168,7 +168,8 @@ def build_index(
     """Index rows for the synced labeled images: describe, exclude, split, fold.
 
     Args:
-        objects: synced objects under ``labeled/`` with local paths.
+        objects: synced objects under ``labeled/`` with local paths (and the images under
+            ``incoming/`` that ``labels`` labels).
         labels: key -> label overrides (from a labels file); else the class folder.
         previous: an earlier index; rows with the same key and etag are reused, not re-decoded.
         max_pixels: images with more pixels (from the header) get status "too_large".

@@ -72,12 +72,15 @@ class Predictions:
         status: "ok", or why the file was refused: "too_large" (over the pixel limit, from
             its header) or "unreadable".
         errors: the refusal's reason ("" where ok).
+        embeddings: with ``embed``, each image's penultimate-layer embedding (timm's
+            ``forward_head(pre_logits=True)``; zeros where refused), else None.
     """
 
     probs: np.ndarray
     ok: np.ndarray
     status: list[str]
     errors: list[str]
+    embeddings: np.ndarray | None = None
 
 
 class _Squash:
@@ -185,12 +188,14 @@ class LoadedModel:
 
     @torch.inference_mode()
     def forward(
-        self, images: torch.Tensor, tta: bool = False, calibrated: bool = True
-    ) -> torch.Tensor:
+        self, images: torch.Tensor, tta: bool = False, calibrated: bool = True, embed: bool = False
+    ):
         """Class probabilities (fp32, on the device) of a batch: NHWC uint8 pixels at the
         model's size (normalised here), or tensors already normalised as ``build_transform``
         makes them. ``calibrated``: divided by the version's temperature (for one network
-        without TTA, exactly the softmax of its logits over T)."""
+        without TTA, exactly the softmax of its logits over T). ``embed``: returns
+        (probabilities, embeddings), the embeddings from the same pass (the first member's,
+        unflipped view: what the version's reference was made from)."""
         mode = run_mode(self.device)
         images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:  # NHWC pixels from scoring_images
@@ -198,9 +203,12 @@ class LoadedModel:
         images = images.contiguous(memory_format=mode.memory_format)
         views = [images, images.flip(-1)] if tta else [images]
         with torch.autocast(self.device.type, mode.autocast, enabled=mode.autocast is not None):
-            p = [torch.softmax(m(v).float(), 1) for m in self.members for v in views]
+            (first, image), *rest = [(m, v) for m in self.members for v in views]
+            emb, head = embedded(first, image) if embed else (None, first(image))
+            p = [torch.softmax(out.float(), 1) for out in [head, *(m(v) for m, v in rest)]]
         mean, t = torch.stack(p).mean(0), self.temperature if calibrated else 1.0
-        return mean if t == 1.0 else torch.softmax(torch.log(mean.clamp_min(1e-12)) / t, 1)
+        probs = mean if t == 1.0 else torch.softmax(torch.log(mean.clamp_min(1e-12)) / t, 1)
+        return (probs, emb.float()) if embed else probs
 
     def predict(
         self,
@@ -211,6 +219,7 @@ class LoadedModel:
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         prefetch: int | None = None,
         calibrated: bool = True,
+        embed: bool = False,
     ) -> Predictions:
         """Class probabilities for ``paths`` (in order), and why any file was refused.
 
@@ -221,6 +230,7 @@ class LoadedModel:
             prefetch: batches a thread decodes ahead (0: decode, then run, in turn);
                 None: the device's ``RunMode.prefetch``.
             calibrated: apply the version's temperature (False: the raw probabilities).
+            embed: also keep each image's embedding from the same forward pass.
         """
         size = self.meta["image_size"]
         ds = scoring_images(paths, size, max_pixels)
@@ -229,19 +239,33 @@ class LoadedModel:
         mode = run_mode(self.device)
         prefetch = mode.prefetch if prefetch is None else prefetch
         batches = decoded_batches(ds, batch_size, num_workers, prefetch, mode.pin_memory)
+        emb = None
         for images, idx, good in batches:
             stopping.check()
-            probs[idx] = self.forward(images, tta, calibrated).cpu().numpy()
+            out = self.forward(images, tta, calibrated, embed)
+            if embed:
+                out, e = out
+                if emb is None:
+                    emb = np.zeros((len(paths), e.shape[1]), np.float32)
+                emb[idx] = e.cpu().numpy()
+            probs[idx] = out.cpu().numpy()
             ok[idx] = good
         status, errors = ["ok"] * len(paths), [""] * len(paths)
         for i in np.flatnonzero(~ok):
             status[i], errors[i] = ds.refusal(int(i))
-        return Predictions(probs, ok, status, errors)
+        return Predictions(probs, ok, status, errors, emb)
 
     def predict_proba(self, paths: Sequence[str], **options) -> tuple[np.ndarray, np.ndarray]:
         """``predict``'s class probabilities and mask of usable files (same options)."""
         p = self.predict(paths, **options)
         return p.probs, p.ok
+
+
+def embedded(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate-layer embeddings, logits) of a timm model from one pass through its
+    features: ``forward_head(pre_logits=True)`` and the head's output on the same features."""
+    features = model.forward_features(images)
+    return model.forward_head(features, pre_logits=True), model.forward_head(features)
 
 
 _LOADED: dict[tuple, LoadedModel] = {}

@@ -17,26 +17,13 @@ import numpy as np  # noqa: E402
 from scipy.spatial.distance import jensenshannon  # noqa: E402
 from scipy.stats import chisquare, ks_2samp  # noqa: E402
 
-from darkroom.monitoring.reference import Reference, knn_distance  # noqa: E402
+from darkroom.config.monitoring import DriftConfig  # noqa: E402
+from darkroom.model.reference import Reference, knn_distance  # noqa: E402
 
 # Share added to each class of the reference mix for the chi-square test: a class the
 # reference never predicted would otherwise expect zero images and divide by zero.
 MIX_SMOOTHING = 1e-3
 HIST_BINS = 20
-
-
-@dataclass(frozen=True)
-class DriftThresholds:
-    """When a batch counts as drifted (see ``drift_report``)."""
-
-    alpha: float = 0.01
-    js_distance: float = 0.1
-    ks_statistic: float = 0.1
-    unfamiliar_share: float = 0.05
-    min_images: int = 50
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -140,7 +127,7 @@ def _knn_edges(reference: Reference, distances: np.ndarray) -> np.ndarray:
     return np.linspace(0.0, top * 1.05 or 1.0, HIST_BINS + 1)
 
 
-def _reasons(r: dict, t: DriftThresholds) -> list[str]:
+def _reasons(r: dict, t: DriftConfig) -> list[str]:
     """What crossed its threshold, in words with the numbers."""
     out = []
     if r["unfamiliar_share"] > t.unfamiliar_share:
@@ -175,10 +162,10 @@ def _accuracy(confidences: np.ndarray, unfamiliar: np.ndarray) -> dict:
     return {"unfamiliar_share": u, "expected_accuracy": est, "range_low": low, "range_high": high}
 
 
-def _checked(reference: Reference, pred_classes, confidences, embeddings):
+def _checked(reference: Reference, pred_classes, confidences, embeddings, reduced: bool):
     classes = np.asarray(pred_classes, dtype=np.int64).ravel()
     conf = np.asarray(confidences, dtype=np.float64).ravel()
-    emb = reference.reduction.reduce(embeddings)
+    emb = np.asarray(embeddings) if reduced else reference.reduction.reduce(embeddings)
     if not len(classes) == len(conf) == len(emb):
         raise ValueError(f"{len(classes)} classes, {len(conf)} confidences, {len(emb)} rows")
     if len(classes) and (classes.min() < 0 or classes.max() >= len(reference.class_mix)):
@@ -222,10 +209,9 @@ def drift_report(
     pred_classes: np.ndarray,
     confidences: np.ndarray,
     embeddings: np.ndarray,
-    thresholds: DriftThresholds | None = None,
+    thresholds: DriftConfig | None = None,
     seed: int = 0,
-    max_mmd_samples: int = 500,
-    permutations: int = 200,
+    reduced: bool = False,
 ) -> tuple[DriftReport, np.ndarray]:
     """A batch's drift against ``reference``, and which of its images are unfamiliar.
 
@@ -236,18 +222,18 @@ def drift_report(
     Args:
         pred_classes: (n,) predicted class index of each image.
         confidences: (n,) calibrated confidence of each prediction.
-        embeddings: (n, D) raw penultimate-layer embeddings (reduced here).
-        thresholds: Defaults to ``DriftThresholds()``.
+        embeddings: (n, D) raw penultimate-layer embeddings (reduced here), or with
+            ``reduced`` already through the reference's PCA (as scoring writes them).
+        thresholds: Defaults to ``DriftConfig()`` (which also sets the MMD test's size).
         seed: Seed of the MMD test's samples and permutations.
-        max_mmd_samples: Rows per side the MMD test sees (its cost grows with their square).
 
     Returns:
         The report, and a boolean (n,) array: True where the image is unfamiliar.
     """
-    t = thresholds or DriftThresholds()
-    classes, conf, emb = _checked(reference, pred_classes, confidences, embeddings)
+    t = thresholds or DriftConfig()
+    classes, conf, emb = _checked(reference, pred_classes, confidences, embeddings, reduced)
     figures, distances = _measure(
-        reference, classes, conf, emb, max_mmd_samples, permutations, seed
+        reference, classes, conf, emb, t.max_mmd_samples, t.permutations, seed
     )
     unfamiliar = distances > reference.knn_threshold
     acc = _accuracy(conf, unfamiliar)

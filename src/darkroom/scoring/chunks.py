@@ -29,7 +29,7 @@ from darkroom import layout
 from darkroom.config import ScoreConfig
 from darkroom.data.fetch import CachedObject, SyncReport, cache_path, fetch_objects
 from darkroom.data.names import UnsupportedFormat, is_unsupported_image
-from darkroom.scoring import ledger
+from darkroom.scoring import familiar, ledger
 from darkroom.scoring.plan import chunk_id
 from darkroom.storage import LocalStorage, ObjectInfo, Storage
 
@@ -50,6 +50,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("status", pa.string()),
         ("error", pa.string()),
+        *familiar.COLUMNS,  # unfamiliar, knn_distance, embedding (darkroom.scoring.familiar)
     ]
 )
 # A remote chunk is fetched in slices of this many batches: the next slice downloads while
@@ -66,6 +67,7 @@ def predictions_table(
     errors: Mapping[str, str],
     options: ScoreConfig,
     statuses: Mapping[str, str] | None = None,
+    fam: familiar.Familiarity | None = None,
 ) -> pa.Table:
     """Prediction rows (the contract's columns, ``PREDICTION_SCHEMA``), built a column at a
     time from the whole probability matrix; only refused rows are visited one by one.
@@ -73,6 +75,7 @@ def predictions_table(
     Args:
         errors: key -> why the image could not be scored (its row's error).
         statuses: key -> the status of a refused image ("too_large"...); default "unreadable".
+        fam: how familiar each image is to the version's reference (None: empty columns).
     """
     statuses = statuses or {}
     keys = pa.array([k for k, _ in items], pa.string())
@@ -99,6 +102,7 @@ def predictions_table(
         "scored_at": pa.repeat(pa.scalar(datetime.now(UTC), pa.timestamp("us", "UTC")), len(items)),
         "status": pa.array(status, pa.string()),
         "error": pa.array(error, pa.string()),
+        **familiar.columns(fam, good),
     }
     return pa.Table.from_pydict(columns, schema=PREDICTION_SCHEMA)
 
@@ -166,6 +170,7 @@ def score_chunk(
     items = [tuple(p) for p in items]
     result = ChunkResult(chunk_id(items), None, 0, 0, 0)
     cache_dir, loaded, parts, cached = config.cache_path(storage.uri), None, [], []
+    reference = familiar.read_reference(storage, version) if config.drift.enabled else None
     for part, local, report in _fetch_ahead(storage, config, items, cache_dir):
         lost = set(report.failed_keys)
         result.unfetched += len(lost)
@@ -173,7 +178,9 @@ def score_chunk(
         rows = [p for p in part if p[0] not in lost]
         if rows:
             loaded = loaded or _load(storage, config, version)
-            parts.append(_predict_part(loaded, config, rows, local, report.refused_reasons))
+            parts.append(
+                _predict_part(loaded, reference, config, rows, local, report.refused_reasons)
+            )
         cached.extend(local.values())
     if result.unfetched:
         log.warning(
@@ -182,8 +189,10 @@ def score_chunk(
         )
     if not parts:
         return result
-    rows, probs, ok, errors, statuses = _joined(parts)
-    table = predictions_table(version, loaded.classes, rows, probs, ok, errors, config, statuses)
+    rows, probs, ok, errors, statuses, fam = _joined(parts)
+    table = predictions_table(
+        version, loaded.classes, rows, probs, ok, errors, config, statuses, fam
+    )
     result.key = write_predictions(storage, version, result.chunk_id, table)
     _prune_cache(storage, cache_dir, cached)
     _tally(result, table)
@@ -231,14 +240,20 @@ def _load(storage: Storage, config: ScoreConfig, version: str):
     return load_version(storage, version, config.device)
 
 
-def _predict_part(loaded, config: ScoreConfig, rows, local, refused: Mapping) -> tuple:
-    """(rows, probs, ok, errors, statuses) for fetched (or refused) pairs: a decoder's refusal
+def _predict_part(loaded, reference, config: ScoreConfig, rows, local, refused: Mapping) -> tuple:
+    """(rows, probs, ok, errors, statuses, familiarity) for fetched (or refused) pairs: a decoder's refusal
     is its row's status and error; an unsafe key, which no retry fixes, is unreadable; an
     image format darkroom does not read is unsupported_format, with what to convert it to."""
     paths = [local[k].path if k in local else "" for k, _ in rows]
     pred = loaded.predict(
-        paths, config.batch_size, config.num_workers, config.tta, config.max_image_pixels
+        paths,
+        config.batch_size,
+        config.num_workers,
+        config.tta,
+        config.max_image_pixels,
+        embed=reference is not None,
     )
+    fam = None if reference is None else familiar.familiarity(reference, pred.embeddings)
     bad = [i for i, s in enumerate(pred.status) if s != "ok"]
     errors = {rows[i][0]: pred.errors[i] for i in bad}
     statuses = {rows[i][0]: pred.status[i] for i in bad}
@@ -248,12 +263,12 @@ def _predict_part(loaded, config: ScoreConfig, rows, local, refused: Mapping) ->
             why["error"] if unsupported else "refused: the key is not a safe relative path"
         )
         statuses[key] = why["status"] if unsupported else "unreadable"
-    return rows, pred.probs, pred.ok, errors, statuses
+    return rows, pred.probs, pred.ok, errors, statuses, fam
 
 
 def _joined(parts: list[tuple]) -> tuple:
-    """The slices' (rows, probs, ok, errors, statuses) as one, in order."""
-    rows, probs, ok, errors, statuses = zip(*parts, strict=True)
+    """The slices' (rows, probs, ok, errors, statuses, familiarity) as one, in order."""
+    rows, probs, ok, errors, statuses, fams = zip(*parts, strict=True)
     merge = lambda ds: {k: v for d in ds for k, v in d.items()}  # noqa: E731
     return (
         [p for r in rows for p in r],
@@ -261,6 +276,7 @@ def _joined(parts: list[tuple]) -> tuple:
         np.concatenate(ok),
         merge(errors),
         merge(statuses),
+        familiar.joined(fams),
     )
 
 

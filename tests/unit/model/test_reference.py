@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from darkroom.monitoring.reference import (
+from darkroom.model.reference import (
     Reference,
     build_reference,
     fit_reduction,
@@ -17,11 +17,12 @@ from darkroom.monitoring.reference import (
 
 
 def low_rank(n: int, rank: int = 8, width: int = 64, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Rows on a ``rank``-dimensional subspace of ``width`` dims (plus faint noise), and the
-    orthonormal basis of that subspace."""
+    """Rows on a ``rank``-dimensional linear subspace of ``width`` dims (plus faint noise),
+    away from the origin, and the orthonormal basis of that subspace. Scaling rows to unit
+    length, as the reduction does first, keeps them on it."""
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.normal(size=(width, rank)))
-    rows = rng.normal(0, 3, (n, rank)) @ basis.T + 5.0 + rng.normal(0, 1e-3, (n, width))
+    rows = (rng.normal(0, 3, (n, rank)) + 5.0) @ basis.T + rng.normal(0, 1e-3, (n, width))
     return rows, basis.T
 
 
@@ -49,9 +50,13 @@ def test_a_move_into_unused_directions_shows_in_the_last_column():
     red = fit_reduction(rows, dims=8, seed=0)
     # A direction orthogonal to everything the training rows vary in.
     off = np.linalg.svd(basis, full_matrices=True)[2][-1]
-    moved = red.reduce(rows[:10] + 4.0 * off)
-    np.testing.assert_allclose(moved[:, :-1], red.reduce(rows[:10])[:, :-1], atol=1e-3)
-    np.testing.assert_allclose(moved[:, -1], 4.0, atol=0.01)
+    shifted = rows[:10] + 4.0 * off
+    moved = red.reduce(shifted)
+    # Rows are scaled to unit length first: the shift's share of the moved row is what is
+    # left off the subspace, and the unmoved rows have (almost) nothing there.
+    share = 4.0 / np.linalg.norm(shifted, axis=1)
+    np.testing.assert_allclose(moved[:, -1], share, atol=1e-3)
+    assert share.min() > 0.1 and red.reduce(rows[:10])[:, -1].max() < 1e-3
 
 
 def test_dims_beyond_the_rows_are_clipped_and_bad_shapes_refused():

@@ -11,14 +11,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from darkroom.model.reference import build_reference
 from darkroom.monitoring.drift import (
-    DriftThresholds,
+    DriftConfig,
     class_mix_test,
     drift_png,
     drift_report,
     mmd_test,
 )
-from darkroom.monitoring.reference import build_reference
 
 LATENT, WIDTH, CLASSES = 8, 128, 4
 
@@ -120,7 +120,7 @@ def test_shifted_confidences_move_ks_alone(world):
     assert report.ks_p < 0.01 and report.ks_statistic > 0.1
     assert report.reasons and all(r.startswith("confidences") for r in report.reasons)
     # Too small a change to matter: a significant p with a small statistic raises nothing.
-    loose = DriftThresholds(ks_statistic=1.0)
+    loose = DriftConfig(ks_statistic=1.0)
     assert drift_report(ref, classes, conf, emb, thresholds=loose)[0].verdict == "ok"
 
 
