@@ -26,7 +26,7 @@ ui: $(STAMP)
 
 ## Run every test (unit, S3 on a local moto server, Prefect flows, end to end)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 ## Skip the tests marked slow
 test-fast: $(STAMP)

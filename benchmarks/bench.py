@@ -51,6 +51,7 @@ TARGETS = [
     Target("p1_train_efficiency", "train", ">=", 0.9, "epoch img/s / synthetic step img/s"),
     Target("p1_vs_tutorial_loop", "train", ">=", 3.0, "epoch img/s / tutorials' loop img/s"),
     Target("p2_score_efficiency", "score", ">=", 0.85, "storage->Parquet img/s / model img/s"),
+    Target("p2_drift_throughput_ratio", "score", ">=", 0.95, "img/s with drift flags / without"),
     Target("p3_cached_vs_decode", "train", ">=", 5.0, "cached item path / decode every epoch"),
     Target("p4_initial_sync_vs_aws_cli", "sync", ">=", 1.2, "aws s3 sync s / darkroom sync s"),
     Target("p4_noop_sync_vs_list", "sync", "<=", 1.2, "no-op resync s / bare listing s"),

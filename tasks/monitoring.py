@@ -4,10 +4,15 @@ of each scoring run (artifacts for the UI, and ``darkroom.drift.detected`` for a
 from __future__ import annotations
 
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from darkroom import layout
 from darkroom.config import RetrainConfig, ScoreConfig
 from darkroom.scoring.watch import resource_id
 from darkroom.storage import open_storage
@@ -70,6 +75,7 @@ def check_drift(config: ScoreConfig, version: str, files: list[str]) -> dict | N
         _range(r),
     )
     _artifacts(drift)
+    _plot_artifact(storage, drift)
     if r.drifted:
         _emit(storage, drift)
     return {"verdict": r.verdict, "url": drift.url, **{k: getattr(r, k) for k in FIGURES}}
@@ -96,6 +102,19 @@ def _artifacts(drift) -> None:
         key="drift-report",
         description=f"Drift of this scoring run against {drift.version}",
     )
+
+
+def _plot_artifact(storage, drift) -> None:
+    """The plot as an image artifact where the browser can fetch it (a presigned S3 URL); a
+    local root keeps it as the link in the markdown artifact."""
+    url = storage.presigned_url(layout.drift_report(drift.version, drift.run, "png"))
+    if url:
+        try:  # a picture for people must never fail a scoring run
+            create_image_artifact(
+                url, key="drift-plot", description=f"Drift against {drift.version}"
+            )
+        except Exception as e:
+            get_run_logger().warning("could not publish the drift plot: %s", e)
 
 
 def _shown(value) -> str:

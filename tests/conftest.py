@@ -121,6 +121,46 @@ def train_candidate(storage: Storage, cache_dir, train: TrainConfig = TINY) -> s
     return version
 
 
+REPO = Path(__file__).resolve().parents[1]
+# Set in a caller's shell, these would point a test's darkroom process elsewhere.
+CALLERS_SETTINGS = ("PREFECT_API_URL", "PREFECT_PROFILE", "DARKROOM_STORAGE", "DARKROOM_CACHE")
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``darkroom`` process of a test's own: a Prefect home in
+    ``tmp_path`` (each command starts its own temporary server), none of the caller's server,
+    profile, storage root or cache, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in CALLERS_SETTINGS}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # a busy CI machine
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env | extra
+
+
+def run_darkroom(*args: str, env: dict[str, str], timeout: int = 600, ok=(0,)):
+    """``python -m darkroom.cli ARGS`` from the repository root; fails the test, with the
+    command's output, when it exits with a status not in ``ok``."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "darkroom.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode in ok, (
+        f"darkroom {' '.join(args)} exited {done.returncode}\n--- stdout\n{done.stdout}"
+        f"\n--- stderr\n{done.stderr[-6000:]}"
+    )
+    return done
+
+
 def finished_task_runs(
     api: str, flow_run_id: str, prefix: str, count: int, timeout: float = 120.0
 ) -> list[dict]:

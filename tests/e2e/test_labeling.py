@@ -6,40 +6,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from darkroom import layout
 from darkroom.data.index import read_index
-from tests.conftest import TINY, train_flags, write_digits
+from tests.conftest import TINY, cli_env, run_darkroom, train_flags, write_digits
 from tests.labeling_helpers import check_import_file, fixture
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _darkroom(tmp_path, *args: str, ok: tuple[int, ...] = (0,)) -> str:
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # a busy CI machine
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "DARKROOM_STORAGE", "DARKROOM_CACHE"):
-        env.pop(name, None)
-    run = subprocess.run(
-        [sys.executable, "-m", "darkroom.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode in ok, (
-        f"darkroom {args[0]}: {run.returncode}\n{run.stdout}\n{run.stderr[-4000:]}"
-    )
-    return run.stdout
+    return run_darkroom(*args, env=cli_env(tmp_path), ok=ok).stdout
 
 
 def _summary(stdout: str) -> dict:

@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import train_flags, write_digits
+from tests.conftest import cli_env, run_darkroom, train_flags, write_digits
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 MLFLOW = "mlflow==3.17.2"  # the server; the client's version is pinned in constraints.txt
 # Outside the repository, so a CI run creates it once and every test session reuses it.
 VENV = Path(
@@ -95,24 +94,11 @@ def mlflow_server(tmp_path_factory) -> str:
 
 
 def _darkroom(tmp_path: Path, mlflow_env: dict, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DARKROOM_CACHE": str(tmp_path / "dc"),
-        **mlflow_env,
-    }
-    env.pop("PREFECT_API_URL", None)  # each run on its own temporary local server
-    done = subprocess.run(
-        [sys.executable, "-m", "darkroom.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a stall on MLflow's own defaults (2 minutes a request, 7 retries) fails
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
+    env = cli_env(tmp_path, DARKROOM_CACHE=str(tmp_path / "dc"), **mlflow_env)
+    for name in [k for k in env if k.startswith("MLFLOW_") and k not in mlflow_env]:
+        del env[name]
+    # a stall on MLflow's own defaults (2 minutes a request, 7 retries) fails the timeout
+    return run_darkroom(*args, env=env, timeout=300)
 
 
 def _retrain(storage, tmp_path, mlflow_env, *extra: str, **recipe) -> dict:

@@ -317,9 +317,10 @@ def test_automations_fire_on_a_failed_nightly_run_and_a_rejected_model(deployed,
         assert "DatasetError: no images under" in failed["state"]["message"]
         t = lap("a failing nightly-retrain run", t)
         storage_id = f"darkroom.storage.{empty.as_uri()}"
-        deployed.prefect("event", "emit", "darkroom.model.rejected", "--resource-id", storage_id)
+        for emitted in ("darkroom.model.rejected", "darkroom.drift.detected"):
+            deployed.prefect("event", "emit", emitted, "--resource-id", storage_id)
 
-        fired = events(deployed, "prefect.automation.triggered", at_least=4)
+        fired = events(deployed, "prefect.automation.triggered", at_least=6)
         by_name = {e["resource"]["prefect.resource.name"]: triggering(deployed, e) for e in fired}
         names = [a["name"] for a in automations()]
         assert set(by_name) == {*names, *(n + "-notify" for n in names)}, fired
@@ -327,9 +328,10 @@ def test_automations_fire_on_a_failed_nightly_run_and_a_rejected_model(deployed,
         assert failure["event"] == "prefect.flow-run.Failed"
         assert failure["resource"]["prefect.resource.id"] == f"prefect.flow-run.{failed['id']}"
         assert by_name["darkroom-model-rejected"]["event"] == "darkroom.model.rejected"
+        assert by_name["darkroom-drift-detected"]["event"] == "darkroom.drift.detected"
 
         deadline = time.monotonic() + 30
-        while len(received) < 2 and time.monotonic() < deadline:
+        while len(received) < len(names) and time.monotonic() < deadline:
             time.sleep(0.5)
         subjects = sorted(r["subject"] for r in received)
         assert subjects == sorted(f"darkroom: {n}-notify" for n in names), received
@@ -339,6 +341,9 @@ def test_automations_fire_on_a_failed_nightly_run_and_a_rejected_model(deployed,
         )
         assert bodies["darkroom: darkroom-model-rejected-notify"].startswith(
             f"darkroom.model.rejected for {storage_id} at "
+        )
+        assert bodies["darkroom: darkroom-drift-detected-notify"].startswith(
+            f"darkroom.drift.detected for {storage_id} at "
         )
         lap("automations fired, notifications sent", t)
     finally:

@@ -20,6 +20,7 @@ from darkroom.config import LabelQueueConfig, ReferenceConfig, RetrainConfig, Sc
 from darkroom.monitoring.labeling import build_queue
 from darkroom.scoring.chunks import read_predictions
 from darkroom.storage import LocalStorage
+from darkroom.training.label_report import read_label_issues
 from flows.retrain import nightly_retrain
 from flows.score import score_new_images
 from tasks.monitoring import DRIFT_DETECTED, LABELS_ADDED
@@ -74,6 +75,14 @@ def _drift_events(at_least: int = 0, timeout: float = 60) -> list[dict]:
         if len(found) >= at_least or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
+
+
+def test_the_demo_champion_flags_few_of_its_clean_training_labels(demo):
+    storage, _, _ = demo
+    version = storage.read_json("models/champion.json")["version"]
+    flagged = read_label_issues(storage, version)
+    trained_on = len(storage.read_parquet(f"models/{version}/oof.parquet"))
+    assert trained_on > 1000 and len(flagged) < 0.02 * trained_on, flagged.to_dict("records")
 
 
 def test_the_demo_digits_pass_and_rotated_ones_are_flagged(demo):

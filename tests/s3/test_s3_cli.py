@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from darkroom.scoring.chunks import PREDICTION_SCHEMA
-from tests.conftest import PREDICTION_COLUMNS, train_flags
+from tests.conftest import PREDICTION_COLUMNS, cli_env, run_darkroom, train_flags
 from tests.s3.conftest import list_keys
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _json_tail(stdout: str) -> dict:
@@ -32,30 +27,10 @@ def test_retrain_score_status_on_s3(s3_env, tmp_path):
     client, bucket, prefix = s3_env["client"], s3_env["bucket"], "demo"
     storage = f"s3://{bucket}/{prefix}"
     cache = tmp_path / "cache"
-    env = {
-        **os.environ,
-        **s3_env["env"],
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "DARKROOM_STORAGE", "DARKROOM_CACHE"):
-        env.pop(name, None)
+    env = cli_env(tmp_path, **s3_env["env"])
 
     def darkroom(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [sys.executable, "-m", "darkroom.cli", *args],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert proc.returncode == 0, (
-            f"darkroom {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
-            f"\n--- stderr\n{proc.stderr[-6000:]}"
-        )
-        return proc
+        return run_darkroom(*args, env=env, timeout=timeout)
 
     def objects(sub: str = "") -> dict[str, dict]:
         return {
