@@ -41,7 +41,7 @@ def train_flags(recipe: TrainConfig = LEARNS, **update) -> list[str]:
 # The DESIGN contracts as the tests state them (independently of the code's own constants).
 PREDICTION_COLUMNS = [
     "key", "etag", "label", "confidence", "low_confidence", "topk_labels", "topk_probs",
-    "model_version", "scored_at", "status", "error",
+    "model_version", "scored_at", "status", "error", "unfamiliar", "knn_distance", "embedding",
 ]  # fmt: skip
 INDEX_COLUMNS = [
     "image_id", "key", "label", "class_index", "split", "fold", "width", "height", "channels",

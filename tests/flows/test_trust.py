@@ -45,8 +45,9 @@ def test_the_temperature_is_kept_with_the_version_and_checked_on_the_holdout(tra
     c = meta["calibration"]
     assert c["temperature"] > 0 and "fold" in c["fitted_on"]  # best_fold: its own validation
     before, after = c["holdout_before"], c["holdout_after"]
-    if c["kept_identity"]:
-        assert c["temperature"] == 1.0 and "holdout" in c["reason"]
+    if c["kept_identity"]:  # the holdout refused it, or too few mistakes to fit one
+        assert c["temperature"] == 1.0
+        assert "holdout" in c["reason"] or "mistakes" in c["reason"], c["reason"]
     else:
         assert after["nll"] <= before["nll"] and c["temperature"] == c["fitted_temperature"]
     assert after["accuracy"] == before["accuracy"]  # a temperature moves no argmax

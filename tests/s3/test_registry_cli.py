@@ -55,7 +55,7 @@ def test_status_history_promote_rollback(root, tmp_path, capsys):
     assert code == 0 and f"champion is now {b}" in out
 
     code, out = run(capsys, "status", *common)
-    assert code == 0 and f"champion: {b}" in out and "--force" in out
+    assert code == 0 and f"champion: {b}" in out and "(force: gate skipped)" in out
     code, out = run(capsys, "rollback", *common)
     assert code == 0 and f"champion is now {a}" in out
     assert registry.read_champion(storage)[0].version == a

@@ -270,6 +270,10 @@ def _rows_one_by_one(version, classes, items, probs, ok, errors, statuses, topk,
                 "model_version": version,
                 "status": "ok" if good else statuses.get(key, "unreadable"),
                 "error": "" if good else errors.get(key, "could not decode the image"),
+                # how familiar the image is: empty without the version's reference
+                "unfamiliar": None,
+                "knn_distance": None,
+                "embedding": None,
             }
         )
     return rows
